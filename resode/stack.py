@@ -1,0 +1,323 @@
+"""Residual stages as ODE solvers: the generic engine (pure PyTorch, the reference).
+
+``ResidualStack`` runs ``N`` residual functions as the Euler or Heun scheme with step ``h``
+(default ``1/N``), and differentiates either exactly (``backward="autograd"``: activations are
+stored) or with the memory-free *reconstruction adjoint* (``backward="adjoint"``: only the output
+is stored; activations are rebuilt backwards in depth). See Sander, Ablin & Peyre, "Do Residual
+Neural Networks discretize Neural Ordinary Differential Equations?", NeurIPS 2022.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
+
+from .schemes import Scheme, get_scheme
+
+#: The backward strategies of a stage.
+BACKWARD_MODES: tuple[str, ...] = ("autograd", "adjoint")
+# Diagnostic only (Fig. 4 of the paper, public code): rebuild each x_n from the *stored* x_{n+1}
+# instead of chaining reconstructions from the stage output. Stores every activation (O(N)).
+_DIAGNOSTIC_MODES: tuple[str, ...] = ("adjoint_stored",)
+
+
+def _check_backward(mode: str) -> str:
+    if mode not in BACKWARD_MODES + _DIAGNOSTIC_MODES:
+        raise ValueError(f"unknown backward mode {mode!r}; choose one of {list(BACKWARD_MODES)}")
+    return mode
+
+
+class Stage(nn.Module):
+    """Base of every residual stage (generic and fused): scheme, depth, step, backward mode.
+
+    Args:
+        depth: number of residual functions ``N``.
+        scheme: ``"euler"`` or ``"heun"`` (see :mod:`resode.schemes`).
+        backward: ``"autograd"`` (exact gradients, activations stored, memory ``O(N)``) or
+            ``"adjoint"`` (memory ``O(1)`` in depth; gradients approximate, error ``O(1/N)`` for
+            Euler and ``O(1/N^2)`` for Heun when the weights are smooth in depth).
+        step: the step ``h``; ``None`` means ``1/N``.
+    """
+
+    def __init__(
+        self,
+        depth: int,
+        scheme: str | Scheme = "euler",
+        backward: str = "autograd",
+        step: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.scheme = get_scheme(scheme)
+        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+            raise ValueError(f"depth must be a positive integer, got {depth!r}")
+        if depth < self.scheme.min_depth:
+            raise ValueError(
+                f"scheme {self.scheme.name!r} needs at least {self.scheme.min_depth} residual "
+                f"functions, got {depth}; use more blocks or scheme='euler'"
+            )
+        if step is not None and not (isinstance(step, (int, float)) and step > 0):
+            raise ValueError(f"step must be a positive number or None (1/depth), got {step!r}")
+        self._depth = depth
+        self._step = None if step is None else float(step)
+        self.backward = backward
+
+    @property
+    def depth(self) -> int:
+        """Number of residual functions ``N``."""
+        return self._depth
+
+    @property
+    def step(self) -> float:
+        """Step ``h`` of the scheme (``1/N`` unless given)."""
+        return self._step if self._step is not None else 1.0 / self._depth
+
+    @property
+    def num_steps(self) -> int:
+        """Steps taken: ``N`` for Euler, ``N - 1`` for Heun."""
+        return self.scheme.num_steps(self._depth)
+
+    @property
+    def backward(self) -> str:
+        return self._backward
+
+    @backward.setter
+    def backward(self, mode: str) -> None:
+        self._backward = _check_backward(mode)
+
+    def extra_repr(self) -> str:
+        return (
+            f"depth={self.depth}, scheme={self.scheme.name!r}, backward={self.backward!r}, "
+            f"step={self.step:.6g}"
+        )
+
+
+def stages(model: nn.Module) -> list[Stage]:
+    """Every :class:`Stage` inside ``model`` (``model`` itself included)."""
+    return [m for m in model.modules() if isinstance(m, Stage)]
+
+
+def set_backward(model: nn.Module, mode: str) -> dict[Stage, str]:
+    """Set the backward mode of every stage in ``model``; returns the previous modes."""
+    _check_backward(mode)
+    previous = {}
+    for s in stages(model):
+        previous[s] = s.backward
+        s.backward = mode
+    return previous
+
+
+@contextlib.contextmanager
+def backward_mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
+    """Context manager: run every stage of ``model`` with backward ``mode``, then restore."""
+    previous = set_backward(model, mode)
+    try:
+        yield model
+    finally:
+        for s, m in previous.items():
+            s.backward = m
+
+
+@contextlib.contextmanager
+def frozen_batchnorm_stats(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Training-mode BatchNorm uses batch statistics but leaves its running statistics alone.
+
+    Used for every recomputation of the adjoint backward (DESIGN.md section 1): running
+    statistics are updated once per forward evaluation, never by the backward. ``.training``
+    is not touched; the BN layers only stop tracking for the duration.
+    """
+    frozen = []
+    for root in modules:
+        for m in root.modules():
+            if isinstance(m, _BatchNorm) and m.training and m.track_running_stats:
+                m.track_running_stats = False
+                frozen.append(m)
+    try:
+        yield
+    finally:
+        for m in frozen:
+            m.track_running_stats = True
+
+
+def _mix_seed(base: int, step: int, block: int) -> int:
+    return (base * 1_000_003 + step * 65_537 + block * 257 + 1) % (2**63 - 1)
+
+
+@contextlib.contextmanager
+def _seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Run under a forked RNG seeded with ``seed`` on ``device`` (the global stream is kept)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        with torch.random.fork_rng(devices=[index], device_type="cuda"):
+            torch.cuda.default_generators[index].manual_seed(seed)
+            yield
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            yield
+
+
+class ResidualStack(Stage):
+    """A residual stage read as an ODE solver, with an optional memory-free backward.
+
+    ``x_{n+1} = x_n + h f_n(x_n)`` (Euler) or Heun's two-stage step, with ``N`` residual
+    functions ``f_n`` given as modules. Every block is called as ``block(x, *args)`` and must
+    return a tensor shaped like ``x``.
+
+    Args:
+        blocks: the ``N`` residual functions (untied). Use :meth:`tied` for one module applied
+            ``N`` times.
+        scheme: ``"euler"`` (order 1) or ``"heun"`` (order 2; ``N`` functions, ``N - 1`` steps).
+        backward: ``"autograd"`` stores every activation and gives exact gradients.
+            ``"adjoint"`` stores only the stage output and, in the backward, rebuilds each
+            ``x_n`` with the scheme's reverse step, recomputes the step with autograd and takes
+            its vector-Jacobian product. Activation memory is then constant in depth, but the
+            gradients are **approximate**: the relative error is ``O(1/N)`` for Euler and
+            ``O(1/N^2)`` for Heun when the weights are smooth in depth (Sander et al. 2022,
+            Prop. 3-5). It is only small when the network behaves like an ODE.
+        step: step ``h``; ``None`` means ``1/N``.
+        preserve_rng: replay random numbers (dropout masks) in the adjoint's recomputations.
+            ``None`` turns it on when a dropout module with ``p > 0`` is inside the blocks. When
+            on, each block evaluation draws from its own RNG stream seeded from a per-forward
+            seed, in both backward modes; the global RNG advances by one draw per forward.
+
+    Training-mode BatchNorm inside the blocks is recomputed with batch statistics; its running
+    statistics are updated once per forward evaluation (as in autograd mode), never by the
+    backward. ``torch.no_grad()`` runs the plain loop.
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[nn.Module],
+        scheme: str | Scheme = "euler",
+        backward: str = "autograd",
+        step: float | None = None,
+        preserve_rng: bool | None = None,
+        *,
+        _tied_depth: int | None = None,
+    ) -> None:
+        if isinstance(blocks, nn.Module) and not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+            raise TypeError(
+                "blocks must be a sequence of modules; for one module applied N times use "
+                "ResidualStack.tied(block, depth=N)"
+            )
+        blocks = list(blocks)
+        if not blocks:
+            raise ValueError("ResidualStack needs at least one residual block, got an empty list")
+        for i, b in enumerate(blocks):
+            if not isinstance(b, nn.Module):
+                raise TypeError(f"block {i} is a {type(b).__name__}, not an nn.Module")
+        depth = _tied_depth if _tied_depth is not None else len(blocks)
+        super().__init__(depth, scheme, backward, step)
+        self.blocks = nn.ModuleList(blocks)
+        self.tied = _tied_depth is not None
+        if preserve_rng is None:
+            preserve_rng = any(
+                isinstance(m, _DropoutNd) and m.p > 0 for b in blocks for m in b.modules()
+            )
+        self.preserve_rng = bool(preserve_rng)
+
+    @classmethod
+    def tied(cls, block: nn.Module, depth: int, **kwargs) -> ResidualStack:
+        """One module ``block`` used for all ``depth`` residual functions (shared weights).
+
+        Its parameter gradients are accumulated over all steps.
+        """
+        if not isinstance(block, nn.Module):
+            raise TypeError(f"block must be an nn.Module, got {type(block).__name__}")
+        if not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"depth must be a positive integer, got {depth!r}")
+        return cls([block], _tied_depth=depth, **kwargs)
+
+    def block(self, n: int) -> nn.Module:
+        """The module of residual function ``f_n``."""
+        if not 0 <= n < self.depth:
+            raise IndexError(f"residual function index {n} out of range for depth {self.depth}")
+        return self.blocks[0] if self.tied else self.blocks[n]
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", tied={self.tied}"
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval(
+        self, i: int, x: Tensor, *, args: tuple[Tensor, ...], step: int, seed: int | None
+    ) -> Tensor:
+        block = self.block(i)
+        if seed is None:
+            out = block(x, *args)
+        else:
+            with _seeded_rng(_mix_seed(seed, step, i), x.device):
+                out = block(x, *args)
+        if not isinstance(out, Tensor) or out.shape != x.shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"residual function {i} ({type(block).__name__}) maps an input of shape "
+                f"{tuple(x.shape)} to {got}; a residual block must return a tensor of the "
+                "same shape as its input (put shape-changing layers outside the stack)"
+            )
+        return out
+
+    def _f(self, args: tuple[Tensor, ...], step: int, seed: int | None):
+        return partial(self._eval, args=args, step=step, seed=seed)
+
+    def integrate(
+        self, x: Tensor, args: tuple[Tensor, ...] = (), seed: int | None = None
+    ) -> Tensor:
+        """The plain forward loop (records a graph only if autograd is on)."""
+        h = self.step
+        for n in range(self.num_steps):
+            x = self.scheme.step(self._f(args, n, seed), n, x, h)
+        return x
+
+    def reverse_step(
+        self, n: int, x_next: Tensor, args: tuple[Tensor, ...] = (), seed: int | None = None
+    ) -> Tensor:
+        """Approximate ``x_n`` from ``x_{n+1}`` (scheme's reverse step)."""
+        return self.scheme.reverse_step(self._f(args, n, seed), n, x_next, self.step)
+
+    @torch.no_grad()
+    def reverse(self, y: Tensor, *args: Tensor, seed: int | None = None) -> Tensor:
+        """Run the reverse steps from the stage output ``y`` back to an estimate of the input.
+
+        Training-mode BatchNorm uses batch statistics and its running statistics are left alone.
+        """
+        with frozen_batchnorm_stats([self]):
+            x = y
+            for n in reversed(range(self.num_steps)):
+                x = self.reverse_step(n, x, args, seed)
+        return x
+
+    def _grad_params(self) -> list[nn.Parameter]:
+        seen: set[int] = set()
+        out = []
+        for p in self.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+        return out
+
+    def forward(self, x: Tensor, *args: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"ResidualStack expects a tensor input, got {type(x).__name__}")
+        for j, a in enumerate(args):
+            if not isinstance(a, Tensor):
+                raise TypeError(
+                    f"extra argument {j} is a {type(a).__name__}; ResidualStack passes only "
+                    "tensors to its blocks (wrap constants in the block, or pass a tensor)"
+                )
+        seed = None
+        if self.preserve_rng and self.training:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        if self.backward == "autograd" or not torch.is_grad_enabled():
+            return self.integrate(x, args, seed)
+        params = self._grad_params()
+        if not (x.requires_grad or params or any(a.requires_grad for a in args)):
+            return self.integrate(x, args, seed)
+        from ._adjoint import ReconstructionAdjoint
+
+        return ReconstructionAdjoint.apply(self, seed, len(args), len(params), x, *args, *params)
