@@ -119,9 +119,8 @@ def gradient_error(
         with torch.no_grad():
             for n, b in model.named_buffers():
                 b.copy_(buffers[n])
-        return [torch.zeros_like(p) if g is None else g for (_, p), g in zip(named, gs)], float(
-            loss
-        )
+        zeros = [torch.zeros_like(p) if g is None else g for (_, p), g in zip(named, gs)]
+        return zeros, float(loss.detach())
 
     try:
         g_bp, loss = grads("autograd")
