@@ -5,7 +5,9 @@ memory-free reconstruction adjoint, following Sander, Ablin & Peyre, "Do Residua
 Networks discretize Neural Ordinary Differential Equations?" (NeurIPS 2022).
 """
 
-from . import diagnostics, schemes
+from . import data, diagnostics, fused, models, schemes, train
+from ._ext import extension_available
+from .models import ModelConfig
 from .schemes import Scheme, get_scheme, list_schemes
 from .stack import (
     BACKWARD_MODES,
@@ -15,19 +17,27 @@ from .stack import (
     set_backward,
     stages,
 )
+from .train import TrainConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKWARD_MODES",
+    "ModelConfig",
+    "TrainConfig",
     "ResidualStack",
     "Scheme",
     "Stage",
     "backward_mode",
+    "data",
     "diagnostics",
+    "extension_available",
+    "fused",
     "get_scheme",
     "list_schemes",
+    "models",
     "schemes",
     "set_backward",
     "stages",
+    "train",
 ]

@@ -1,0 +1,365 @@
+// CUDA implementations of the fused elementwise kernels (float32, float64, bfloat16; math in
+// at::opmath_type, i.e. float for bfloat16). Launched on the current stream.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <algorithm>
+
+#include "resode.h"
+
+namespace resode {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;  // power of two (block reductions below rely on it)
+
+inline int blocks_for(int64_t n) {
+  const int64_t b = (n + kThreads - 1) / kThreads;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(b, 65535)));
+}
+
+inline cudaStream_t stream() { return at::cuda::getCurrentCUDAStream(); }
+
+#define RESODE_CUDA_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+template <typename T>
+__device__ __forceinline__ T gelu_f(T z) {
+  return T(0.5) * z * (T(1) + erf(z * T(0.70710678118654752440)));
+}
+
+template <typename T>
+__device__ __forceinline__ T gelu_grad_f(T z) {
+  const T cdf = T(0.5) * (T(1) + erf(z * T(0.70710678118654752440)));
+  const T pdf = exp(T(-0.5) * z * z) * T(0.3989422804014327);
+  return cdf + z * pdf;
+}
+
+template <typename scalar_t>
+__global__ void act_forward_kernel(const scalar_t* z, scalar_t* a,  // may alias (in place)
+                                   int64_t n, int64_t act) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+       i += (int64_t)blockDim.x * gridDim.x) {
+    const acc_t v = static_cast<acc_t>(z[i]);
+    acc_t r;
+    if (act == kTanh) {
+      r = tanh(v);
+    } else if (act == kRelu) {
+      r = v > acc_t(0) ? v : acc_t(0);
+    } else {
+      r = gelu_f(v);
+    }
+    a[i] = static_cast<scalar_t>(r);
+  }
+}
+
+template <typename scalar_t>
+__global__ void act_backward_kernel(scalar_t* __restrict__ g, const scalar_t* __restrict__ z,
+                                    const scalar_t* __restrict__ a, int64_t n, int64_t act,
+                                    at::opmath_type<scalar_t> scale) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+       i += (int64_t)blockDim.x * gridDim.x) {
+    const acc_t gv = static_cast<acc_t>(g[i]);
+    acc_t r;
+    if (act == kTanh) {
+      const acc_t av = static_cast<acc_t>(a[i]);
+      r = scale * (gv * (acc_t(1) - av * av));
+    } else if (act == kRelu) {
+      r = static_cast<acc_t>(a[i]) > acc_t(0) ? scale * gv : acc_t(0);
+    } else {
+      r = scale * (gv * gelu_grad_f(static_cast<acc_t>(z[i])));
+    }
+    g[i] = static_cast<scalar_t>(r);
+  }
+}
+
+template <typename scalar_t>
+__global__ void axpby_kernel(scalar_t* out, const scalar_t* x, const scalar_t* y, int64_t n,
+                             at::opmath_type<scalar_t> alpha, at::opmath_type<scalar_t> beta) {
+  using acc_t = at::opmath_type<scalar_t>;
+  // out may alias x or y: each element is read before it is written by the same thread
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+       i += (int64_t)blockDim.x * gridDim.x) {
+    out[i] = static_cast<scalar_t>(alpha * static_cast<acc_t>(x[i]) +
+                                   beta * static_cast<acc_t>(y[i]));
+  }
+}
+
+template <typename scalar_t>
+__global__ void heun_kernel(scalar_t* __restrict__ out, const scalar_t* __restrict__ x,
+                            const scalar_t* __restrict__ f0, const scalar_t* __restrict__ f1,
+                            int64_t n, at::opmath_type<scalar_t> c) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+       i += (int64_t)blockDim.x * gridDim.x) {
+    out[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) +
+                                   c * (static_cast<acc_t>(f0[i]) + static_cast<acc_t>(f1[i])));
+  }
+}
+
+template <typename scalar_t>
+__global__ void row_bias_kernel(scalar_t* __restrict__ out, const scalar_t* __restrict__ x,
+                                const scalar_t* __restrict__ b, int64_t n, int64_t cols,
+                                at::opmath_type<scalar_t> c) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+       i += (int64_t)blockDim.x * gridDim.x) {
+    acc_t v = static_cast<acc_t>(x[i]);
+    if (b != nullptr) v += c * static_cast<acc_t>(b[i % cols]);
+    out[i] = static_cast<scalar_t>(v);
+  }
+}
+
+// Sum over the block; every thread gets the result. sh holds kThreads values.
+template <typename T>
+__device__ T block_sum(T v, T* sh) {
+  const int t = threadIdx.x;
+  sh[t] = v;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (t < s) sh[t] += sh[t + s];
+    __syncthreads();
+  }
+  const T r = sh[0];
+  __syncthreads();
+  return r;
+}
+
+// One block per channel; (B, C, HW) layout.
+template <typename scalar_t, typename acc_t>
+__global__ void channel_mean_var_kernel(const scalar_t* __restrict__ u, acc_t* __restrict__ mean,
+                                        acc_t* __restrict__ var, int64_t B, int64_t C,
+                                        int64_t HW) {
+  __shared__ acc_t sh[kThreads];
+  const int64_t c = blockIdx.x;
+  const int64_t M = B * HW;
+  acc_t s = 0;
+  for (int64_t i = threadIdx.x; i < M; i += kThreads) {
+    const int64_t b = i / HW, j = i - b * HW;
+    s += static_cast<acc_t>(u[(b * C + c) * HW + j]);
+  }
+  const acc_t m = block_sum(s, sh) / static_cast<acc_t>(M);
+  acc_t q = 0;
+  for (int64_t i = threadIdx.x; i < M; i += kThreads) {
+    const int64_t b = i / HW, j = i - b * HW;
+    const acc_t d = static_cast<acc_t>(u[(b * C + c) * HW + j]) - m;
+    q += d * d;
+  }
+  q = block_sum(q, sh);
+  if (threadIdx.x == 0) {
+    mean[c] = m;
+    var[c] = q / static_cast<acc_t>(M);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void bn_apply_kernel(const scalar_t* __restrict__ u, const acc_t* __restrict__ mean,
+                                const acc_t* __restrict__ invstd,
+                                const scalar_t* __restrict__ gamma,
+                                const scalar_t* __restrict__ beta, bool relu,
+                                scalar_t* __restrict__ xhat, scalar_t* __restrict__ out,
+                                const scalar_t* __restrict__ base, acc_t c, int64_t n, int64_t C,
+                                int64_t HW) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+       i += (int64_t)blockDim.x * gridDim.x) {
+    const int64_t ch = (i / HW) % C;
+    const acc_t xv = (static_cast<acc_t>(u[i]) - mean[ch]) * invstd[ch];
+    if (xhat != nullptr) xhat[i] = static_cast<scalar_t>(xv);
+    acc_t y = static_cast<acc_t>(gamma[ch]) * xv + static_cast<acc_t>(beta[ch]);
+    if (relu) y = y > acc_t(0) ? y : acc_t(0);
+    if (out != nullptr) {
+      out[i] = static_cast<scalar_t>(base != nullptr ? static_cast<acc_t>(base[i]) + c * y : y);
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void bn_backward_reduce_kernel(const scalar_t* __restrict__ go,
+                                          const scalar_t* __restrict__ mask,
+                                          const scalar_t* __restrict__ xhat,
+                                          acc_t* __restrict__ sum_go,
+                                          acc_t* __restrict__ sum_goxhat, int64_t B, int64_t C,
+                                          int64_t HW) {
+  __shared__ acc_t sh[kThreads];
+  const int64_t c = blockIdx.x;
+  const int64_t M = B * HW;
+  acc_t a1 = 0, a2 = 0;
+  for (int64_t i = threadIdx.x; i < M; i += kThreads) {
+    const int64_t b = i / HW, j = i - b * HW;
+    const int64_t k = (b * C + c) * HW + j;
+    acc_t g = static_cast<acc_t>(go[k]);
+    if (mask != nullptr && !(static_cast<acc_t>(mask[k]) > acc_t(0))) g = 0;
+    a1 += g;
+    a2 += g * static_cast<acc_t>(xhat[k]);
+  }
+  a1 = block_sum(a1, sh);
+  a2 = block_sum(a2, sh);
+  if (threadIdx.x == 0) {
+    sum_go[c] = a1;
+    sum_goxhat[c] = a2;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void bn_backward_apply_kernel(const scalar_t* go, const scalar_t* mask,
+                                         const scalar_t* xhat, const scalar_t* gamma,
+                                         const acc_t* invstd, const acc_t* sum_go,
+                                         const acc_t* sum_goxhat, acc_t scale, bool training,
+                                         scalar_t* gx, int64_t n, int64_t C, int64_t HW,
+                                         acc_t inv_m) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+       i += (int64_t)blockDim.x * gridDim.x) {
+    const int64_t ch = (i / HW) % C;
+    acc_t g = static_cast<acc_t>(go[i]);
+    if (mask != nullptr && !(static_cast<acc_t>(mask[i]) > acc_t(0))) g = 0;
+    const acc_t k = scale * static_cast<acc_t>(gamma[ch]) * invstd[ch];
+    acc_t r;
+    if (training) {
+      r = k * (g - sum_go[ch] * inv_m - static_cast<acc_t>(xhat[i]) * sum_goxhat[ch] * inv_m);
+    } else {
+      r = k * g;
+    }
+    gx[i] = static_cast<scalar_t>(r);
+  }
+}
+
+template <typename T>
+const T* opt_ptr(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+T* opt_mut_ptr(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+}  // namespace
+
+void act_forward(const at::Tensor& z, const at::Tensor& a, int64_t act) {
+  const int64_t n = z.numel();
+  if (n == 0) return;
+  RESODE_CUDA_DISPATCH(z.scalar_type(), "resode_act_forward_cuda", [&] {
+    act_forward_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream()>>>(
+        z.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), n, act);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void act_backward(const at::Tensor& g, const at::Tensor& z, const at::Tensor& a, int64_t act,
+                  double scale) {
+  const int64_t n = g.numel();
+  if (n == 0) return;
+  RESODE_CUDA_DISPATCH(g.scalar_type(), "resode_act_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    act_backward_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream()>>>(
+        g.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), n, act,
+        static_cast<acc_t>(scale));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void axpby(const at::Tensor& out, const at::Tensor& x, double alpha, const at::Tensor& y,
+           double beta) {
+  const int64_t n = out.numel();
+  if (n == 0) return;
+  RESODE_CUDA_DISPATCH(out.scalar_type(), "resode_axpby_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    axpby_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream()>>>(
+        out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), n,
+        static_cast<acc_t>(alpha), static_cast<acc_t>(beta));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void heun_combine(const at::Tensor& out, const at::Tensor& x, const at::Tensor& f0,
+                  const at::Tensor& f1, double c) {
+  const int64_t n = out.numel();
+  if (n == 0) return;
+  RESODE_CUDA_DISPATCH(out.scalar_type(), "resode_heun_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    heun_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream()>>>(
+        out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), f0.data_ptr<scalar_t>(),
+        f1.data_ptr<scalar_t>(), n, static_cast<acc_t>(c));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void add_row_bias(const at::Tensor& out, const at::Tensor& x, const at::Tensor& b, double c) {
+  const int64_t n = out.numel();
+  if (n == 0) return;
+  const int64_t cols = out.size(-1);
+  RESODE_CUDA_DISPATCH(out.scalar_type(), "resode_row_bias_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    row_bias_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream()>>>(
+        out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), opt_ptr<scalar_t>(b), n, cols,
+        static_cast<acc_t>(c));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void channel_mean_var(const at::Tensor& u, const at::Tensor& mean, const at::Tensor& var) {
+  const int64_t B = u.size(0), C = u.size(1);
+  if (u.numel() == 0) return;
+  const int64_t HW = u.numel() / (B * C);
+  RESODE_CUDA_DISPATCH(u.scalar_type(), "resode_channel_mean_var_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    channel_mean_var_kernel<scalar_t, acc_t><<<static_cast<int>(C), kThreads, 0, stream()>>>(
+        u.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(), B, C, HW);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void bn_apply(const at::Tensor& u, const at::Tensor& mean, const at::Tensor& invstd,
+              const at::Tensor& gamma, const at::Tensor& beta, bool relu, const at::Tensor& xhat,
+              const at::Tensor& out, const at::Tensor& base, double c) {
+  const int64_t n = u.numel();
+  if (n == 0) return;
+  const int64_t B = u.size(0), C = u.size(1), HW = n / (B * C);
+  RESODE_CUDA_DISPATCH(u.scalar_type(), "resode_bn_apply_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    bn_apply_kernel<scalar_t, acc_t><<<blocks_for(n), kThreads, 0, stream()>>>(
+        u.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(),
+        gamma.data_ptr<scalar_t>(), beta.data_ptr<scalar_t>(), relu, opt_mut_ptr<scalar_t>(xhat),
+        opt_mut_ptr<scalar_t>(out), opt_ptr<scalar_t>(base), static_cast<acc_t>(c), n, C, HW);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void bn_backward_reduce(const at::Tensor& go, const at::Tensor& mask, const at::Tensor& xhat,
+                        const at::Tensor& sum_go, const at::Tensor& sum_goxhat) {
+  const int64_t B = go.size(0), C = go.size(1);
+  if (go.numel() == 0) return;
+  const int64_t HW = go.numel() / (B * C);
+  RESODE_CUDA_DISPATCH(go.scalar_type(), "resode_bn_backward_reduce_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    bn_backward_reduce_kernel<scalar_t, acc_t><<<static_cast<int>(C), kThreads, 0, stream()>>>(
+        go.data_ptr<scalar_t>(), opt_ptr<scalar_t>(mask), xhat.data_ptr<scalar_t>(),
+        sum_go.data_ptr<acc_t>(), sum_goxhat.data_ptr<acc_t>(), B, C, HW);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void bn_backward_apply(const at::Tensor& go, const at::Tensor& mask, const at::Tensor& xhat,
+                       const at::Tensor& gamma, const at::Tensor& invstd,
+                       const at::Tensor& sum_go, const at::Tensor& sum_goxhat, double scale,
+                       bool training, const at::Tensor& gx) {
+  const int64_t n = go.numel();
+  if (n == 0) return;
+  const int64_t B = go.size(0), C = go.size(1), HW = n / (B * C);
+  RESODE_CUDA_DISPATCH(go.scalar_type(), "resode_bn_backward_apply_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    bn_backward_apply_kernel<scalar_t, acc_t><<<blocks_for(n), kThreads, 0, stream()>>>(
+        go.data_ptr<scalar_t>(), opt_ptr<scalar_t>(mask), xhat.data_ptr<scalar_t>(),
+        gamma.data_ptr<scalar_t>(), invstd.data_ptr<acc_t>(), sum_go.data_ptr<acc_t>(),
+        sum_goxhat.data_ptr<acc_t>(), static_cast<acc_t>(scale), training,
+        gx.data_ptr<scalar_t>(), n, C, HW, acc_t(1) / static_cast<acc_t>(B * HW));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace cuda
+}  // namespace resode

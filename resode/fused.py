@@ -1,0 +1,643 @@
+"""Fused residual stages: the whole depth loop in C++/CUDA (``resode._C``).
+
+``MLPStack`` (blocks Linear-act-Linear) and ``ConvStack`` (blocks conv3x3-BN-ReLU-conv3x3-BN)
+compute exactly what the generic :class:`resode.ResidualStack` computes with the equivalent
+``nn.Module`` blocks (see :meth:`MLPStack.to_generic`), with the same schemes (Euler, Heun), the
+same backward modes and the same BatchNorm rules, but run the forward loop, the reverse
+reconstruction and the vector-Jacobian products in one C++ op per direction: no Python or
+autograd overhead per layer. GEMMs and convolutions call ATen (cuBLAS / cuDNN on GPU); the
+elementwise work around them runs in our own fused kernels.
+
+Backward modes (as for the generic engine):
+
+* ``"autograd"``: exact gradients; the op stores, per block evaluation, the block input and the
+  intermediate activations it needs (MLP: input, pre-activation, activation; conv: input, both
+  normalised BN inputs, the ReLU output and both inverse standard deviations).
+* ``"adjoint"``: stores only the stage output; the backward rebuilds each ``x_n`` with the
+  scheme's reverse step, recomputes the block and takes its vector-Jacobian product. Memory is
+  constant in depth but gradients are **approximate**: error ``O(1/N)`` for Euler and
+  ``O(1/N^2)`` for Heun when the weights are smooth in depth (Sander, Ablin & Peyre, NeurIPS
+  2022). Heun's reverse step reuses ``f_{n+1}(x_{n+1})`` computed at the previous reverse step.
+* ``"adjoint_stored"`` (diagnostic, the paper's public code): each ``x_n`` is rebuilt from the
+  *stored* ``x_{n+1}``.
+
+Memory accounting: everything the C++ op keeps between forward and backward is returned to
+Python and saved with ``ctx.save_for_backward``, so
+:func:`resode.diagnostics.saved_tensor_bytes` sees all of it; the C++ side holds nothing else
+(``extra_saved_bytes`` is 0).
+
+State dicts hold the stacked tensors (``w1`` ``(P, hidden, dim)``, ``conv1_weight``
+``(P, C, C, 3, 3)``, ...); :meth:`MLPStack.to_generic` / :meth:`MLPStack.from_generic` (and
+the ``ConvStack`` ones) map them exactly to and from the generic layout
+(``blocks.{n}.0.weight``, ...).
+
+Training-mode BatchNorm (``ConvStack``): batch statistics in the forward and in every
+recomputation; the running statistics (unbiased variance, ``momentum``) and
+``num_batches_tracked`` are updated once per block evaluation of the forward, in the order of
+the generic engine, and never by the backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from . import _ext
+from .stack import ResidualStack, Stage
+
+__all__ = [
+    "ConvStack",
+    "MLPStack",
+    "available_for",
+    "can_fuse",
+    "extension_available",
+    "fuse",
+]
+
+extension_available = _ext.extension_available
+
+_ACTIVATIONS = {"tanh": 0, "relu": 1, "gelu": 2}
+_SCHEMES = {"euler": 0, "heun": 1}
+_MODES = {"autograd": 0, "adjoint": 1, "adjoint_stored": 2}
+
+
+def available_for(device: torch.device | str | None = None) -> bool:
+    """Can fused stages run on ``device`` (default CPU)? Loads the extension on first call."""
+    status = _ext.load()
+    dev = torch.device(device if device is not None else "cpu")
+    if dev.type == "cpu":
+        return status.cpu
+    if dev.type == "cuda":
+        return status.cuda
+    return False
+
+
+def _act_module(name: str) -> nn.Module:
+    return {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}[name]()
+
+
+def _act_name(module: nn.Module) -> str | None:
+    if type(module) is nn.Tanh:
+        return "tanh"
+    if type(module) is nn.ReLU:
+        return "relu"
+    if type(module) is nn.GELU and module.approximate == "none":
+        return "gelu"
+    return None
+
+
+class _FusedStage(Stage):
+    """Common checks of the fused stages."""
+
+    #: bytes held by the C++ side between forward and backward beyond ``save_for_backward``
+    extra_saved_bytes: int = 0
+
+    def _check_input(self, x: Tensor, ndim: int | None, what: str) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{type(self).__name__} expects a tensor input, got {type(x).__name__}")
+        ref = next(self.parameters())
+        if ndim is not None and x.dim() != ndim:
+            raise ValueError(
+                f"{type(self).__name__} expects a {ndim}-D input {what}, got shape {tuple(x.shape)}"
+            )
+        if x.device != ref.device:
+            raise ValueError(
+                f"{type(self).__name__}: input is on {x.device} but the parameters are on "
+                f"{ref.device}; move one of them (.to(device))"
+            )
+        if x.dtype != ref.dtype:
+            raise TypeError(
+                f"{type(self).__name__}: input dtype {x.dtype} differs from the parameters' "
+                f"{ref.dtype}; cast one of them (.to(dtype))"
+            )
+        allowed = (torch.float32, torch.float64)
+        if x.device.type == "cuda":
+            allowed = allowed + (torch.bfloat16,)
+        if x.dtype not in allowed:
+            raise TypeError(
+                f"{type(self).__name__} on {x.device.type} supports dtypes "
+                f"{[str(d) for d in allowed]}, got {x.dtype}"
+            )
+        if not available_for(x.device):
+            status = _ext.load()
+            raise RuntimeError(
+                f"{type(self).__name__}: the fused extension cannot run on {x.device} "
+                f"({status.reason}); use .to_generic() for the pure-PyTorch engine"
+            )
+        return x.contiguous()
+
+    def _cfg(self) -> tuple[int, float, int, int]:
+        if self.backward not in _MODES:
+            raise ValueError(
+                f"unknown backward mode {self.backward!r}; choose one of {list(_MODES)}"
+            )
+        return _SCHEMES[self.scheme.name], float(self.step), self.depth, _MODES[self.backward]
+
+
+# ---------------------------------------------------------------------------------------------
+# MLP stage
+class _MLPFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, cfg):
+        act, scheme, h, depth, mode = cfg
+        y, saved = _ext.ops().mlp_forward(x, w1, b1, w2, b2, act, scheme, h, depth, mode != 1)
+        ctx.cfg = cfg
+        ctx.n_saved = len(saved)
+        # the output only where a reconstruction needs it (adjoint modes)
+        ctx.save_for_backward(y if mode != 0 else None, *saved, w1, b1, w2, b2)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        act, scheme, h, depth, mode = ctx.cfg
+        tensors = ctx.saved_tensors
+        y = tensors[0]
+        saved = list(tensors[1 : 1 + ctx.n_saved])
+        w1, b1, w2, b2 = tensors[1 + ctx.n_saved :]
+        gx, gw1, gb1, gw2, gb2 = _ext.ops().mlp_backward(
+            gy, y if y is not None else gy, saved, w1, b1, w2, b2, act, scheme, h, depth, mode
+        )
+        return (
+            gx if ctx.needs_input_grad[0] else None,
+            gw1 if ctx.needs_input_grad[1] else None,
+            gb1 if b1 is not None and ctx.needs_input_grad[2] else None,
+            gw2 if ctx.needs_input_grad[3] else None,
+            gb2 if b2 is not None and ctx.needs_input_grad[4] else None,
+            None,
+        )
+
+
+class MLPStack(_FusedStage):
+    """Fused residual stage of MLP blocks ``f_n(x) = W2_n act(W1_n x + b1_n) + b2_n``.
+
+    Equivalent to ``ResidualStack([nn.Sequential(nn.Linear(dim, hidden), act,
+    nn.Linear(hidden, dim)) for _ in range(depth)], scheme, backward, step)`` (or
+    ``ResidualStack.tied(...)`` with ``tied=True``), with the same initialisation law as
+    ``nn.Linear``.
+
+    Args:
+        dim: feature size of the stage input ``(..., dim)``.
+        hidden: hidden width of each block.
+        depth: number of residual functions ``N``.
+        activation: ``"tanh"``, ``"relu"`` or ``"gelu"`` (exact erf form).
+        scheme, backward, step: as for :class:`resode.ResidualStack` (``"adjoint"`` gradients
+            are approximate: ``O(1/N)`` Euler, ``O(1/N^2)`` Heun with depth-smooth weights).
+        tied: one block used ``N`` times (gradients accumulated over the steps).
+        bias: whether the linear layers have biases.
+
+    Parameters (``P = 1`` if tied else ``N``): ``w1`` ``(P, hidden, dim)``, ``b1``
+    ``(P, hidden)``, ``w2`` ``(P, dim, hidden)``, ``b2`` ``(P, dim)``; ``w1[n]`` is the weight of
+    block ``n``'s first ``nn.Linear``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        depth: int,
+        activation: str = "tanh",
+        scheme: str = "euler",
+        backward: str = "autograd",
+        tied: bool = False,
+        step: float | None = None,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(depth, scheme, backward, step)
+        if activation not in _ACTIVATIONS:
+            raise ValueError(
+                f"unknown activation {activation!r}; choose one of {list(_ACTIVATIONS)}"
+            )
+        for name, v in (("dim", dim), ("hidden", hidden)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        self.dim, self.hidden, self.activation = dim, hidden, activation
+        self.tied = bool(tied)
+        p = 1 if self.tied else depth
+        self.w1 = nn.Parameter(torch.empty(p, hidden, dim))
+        self.w2 = nn.Parameter(torch.empty(p, dim, hidden))
+        if bias:
+            self.b1 = nn.Parameter(torch.empty(p, hidden))
+            self.b2 = nn.Parameter(torch.empty(p, dim))
+        else:
+            self.register_parameter("b1", None)
+            self.register_parameter("b2", None)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """``nn.Linear``'s default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases."""
+        b_in, b_hid = 1 / math.sqrt(self.dim), 1 / math.sqrt(self.hidden)
+        self.w1.uniform_(-b_in, b_in)
+        self.w2.uniform_(-b_hid, b_hid)
+        if self.b1 is not None:
+            self.b1.uniform_(-b_in, b_in)
+            self.b2.uniform_(-b_hid, b_hid)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, hidden={self.hidden}, activation={self.activation!r}, "
+            f"tied={self.tied}, bias={self.b1 is not None}, " + super().extra_repr()
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, Tensor) and (x.dim() < 1 or x.shape[-1] != self.dim):
+            raise ValueError(
+                f"MLPStack(dim={self.dim}) expects an input of shape (..., {self.dim}), got "
+                f"{tuple(x.shape)}"
+            )
+        x2 = self._check_input(x, None, f"(..., {self.dim})").reshape(-1, self.dim)
+        scheme, h, depth, mode = self._cfg()
+        act = _ACTIVATIONS[self.activation]
+        params = [p for p in (self.w1, self.b1, self.w2, self.b2) if p is not None]
+        if torch.is_grad_enabled() and (x2.requires_grad or any(p.requires_grad for p in params)):
+            cfg = (act, scheme, h, depth, mode)
+            y = _MLPFunction.apply(x2, self.w1, self.b1, self.w2, self.b2, cfg)
+        else:
+            y, _ = _ext.ops().mlp_forward(
+                x2, self.w1, self.b1, self.w2, self.b2, act, scheme, h, depth, False
+            )
+        return y.reshape(x.shape)
+
+    # -- conversion -------------------------------------------------------------------------
+    def _block(self, i: int) -> nn.Sequential:
+        bias = self.b1 is not None
+        blk = nn.Sequential(
+            nn.Linear(self.dim, self.hidden, bias=bias),
+            _act_module(self.activation),
+            nn.Linear(self.hidden, self.dim, bias=bias),
+        )
+        with torch.no_grad():
+            blk[0].weight.copy_(self.w1[i])
+            blk[2].weight.copy_(self.w2[i])
+            if bias:
+                blk[0].bias.copy_(self.b1[i])
+                blk[2].bias.copy_(self.b2[i])
+        return blk.to(device=self.w1.device, dtype=self.w1.dtype)
+
+    def to_generic(self) -> ResidualStack:
+        """An equivalent :class:`resode.ResidualStack` of ``nn.Sequential`` blocks (copies)."""
+        kw = dict(scheme=self.scheme.name, backward=self.backward, step=self._step)
+        if self.tied:
+            stack = ResidualStack.tied(self._block(0), depth=self.depth, **kw)
+        else:
+            stack = ResidualStack([self._block(i) for i in range(self.depth)], **kw)
+        return stack.train(self.training)
+
+    @classmethod
+    def from_generic(cls, stack: ResidualStack) -> MLPStack:
+        """Build the fused stage of a ``ResidualStack`` of Linear-act-Linear blocks (copies)."""
+        info = _mlp_signature(stack)
+        if info is None:
+            raise TypeError(
+                "from_generic needs a ResidualStack whose blocks are all "
+                "nn.Sequential(nn.Linear(dim, hidden), Tanh|ReLU|GELU, nn.Linear(hidden, dim)) "
+                "with the same shapes and bias setting"
+            )
+        dim, hidden, act, bias = info
+        first = stack.blocks[0][0].weight
+        out = cls(
+            dim,
+            hidden,
+            stack.depth,
+            act,
+            stack.scheme.name,
+            stack.backward,
+            stack.tied,
+            stack._step,
+            bias,
+        ).to(device=first.device, dtype=first.dtype)
+        with torch.no_grad():
+            for i, blk in enumerate(stack.blocks):
+                out.w1[i].copy_(blk[0].weight)
+                out.w2[i].copy_(blk[2].weight)
+                if bias:
+                    out.b1[i].copy_(blk[0].bias)
+                    out.b2[i].copy_(blk[2].bias)
+        return out.train(stack.training)
+
+
+def _mlp_signature(stack: nn.Module):
+    if not isinstance(stack, ResidualStack):
+        return None
+    sig = None
+    for blk in stack.blocks:
+        if not (isinstance(blk, nn.Sequential) and len(blk) == 3):
+            return None
+        l1, act, l2 = blk
+        if type(l1) is not nn.Linear or type(l2) is not nn.Linear:
+            return None
+        name = _act_name(act)
+        bias = l1.bias is not None
+        if name is None or (l2.bias is not None) != bias:
+            return None
+        if l2.in_features != l1.out_features or l2.out_features != l1.in_features:
+            return None
+        s = (l1.in_features, l1.out_features, name, bias)
+        if sig is not None and s != sig:
+            return None
+        sig = s
+    return sig
+
+
+# ---------------------------------------------------------------------------------------------
+# Conv stage
+class _ConvFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, running, cfg, *params):
+        scheme, h, depth, mode, training, momentum, eps = cfg
+        y, saved, _ = _ext.ops().conv_forward(
+            x,
+            list(params),
+            running,
+            scheme,
+            h,
+            depth,
+            training,
+            training,
+            momentum,
+            eps,
+            mode != 1,
+        )
+        ctx.cfg = cfg
+        ctx.n_saved = len(saved)
+        ctx.running = running  # buffers (read in eval mode only); not activations
+        ctx.save_for_backward(y if mode != 0 else None, *saved, *params)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        scheme, h, depth, mode, training, momentum, eps = ctx.cfg
+        tensors = ctx.saved_tensors
+        y = tensors[0]
+        saved = list(tensors[1 : 1 + ctx.n_saved])
+        params = list(tensors[1 + ctx.n_saved :])
+        grads = _ext.ops().conv_backward(
+            gy,
+            y if y is not None else gy,
+            saved,
+            params,
+            ctx.running,
+            scheme,
+            h,
+            depth,
+            training,
+            eps,
+            mode,
+        )
+        gx = grads[0] if ctx.needs_input_grad[0] else None
+        gp = [g if ctx.needs_input_grad[3 + i] else None for i, g in enumerate(grads[1:])]
+        return (gx, None, None, *gp)
+
+
+_CONV_PARAMS = (
+    "conv1_weight", "conv1_bias", "bn1_weight", "bn1_bias",
+    "conv2_weight", "conv2_bias", "bn2_weight", "bn2_bias",
+)  # fmt: skip
+_CONV_BUFFERS = ("bn1_running_mean", "bn1_running_var", "bn2_running_mean", "bn2_running_var")
+
+
+class ConvStack(_FusedStage):
+    """Fused residual stage of the tiny-ResNet block conv3x3-BN-ReLU-conv3x3-BN (paper, Figs 3c, 4).
+
+    Equivalent to a :class:`resode.ResidualStack` of ``nn.Sequential(nn.Conv2d(C, C, 3,
+    padding=1), nn.BatchNorm2d(C), nn.ReLU(), nn.Conv2d(C, C, 3, padding=1), nn.BatchNorm2d(C))``
+    blocks (:meth:`to_generic`), BN with ``eps`` and ``momentum``; the last BN weight is zero at
+    initialisation unless ``zero_init_last_bn=False``.
+
+    Parameters and buffers are stacked over blocks (``P = 1`` if tied else ``N``):
+    ``conv{1,2}_weight`` ``(P, C, C, 3, 3)``, ``conv{1,2}_bias``, ``bn{1,2}_weight``,
+    ``bn{1,2}_bias``, ``bn{1,2}_running_mean``, ``bn{1,2}_running_var`` ``(P, C)`` and
+    ``bn{1,2}_num_batches_tracked`` ``(P,)``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        depth: int,
+        scheme: str = "euler",
+        backward: str = "autograd",
+        tied: bool = False,
+        step: float | None = None,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        zero_init_last_bn: bool = True,
+    ) -> None:
+        super().__init__(depth, scheme, backward, step)
+        if not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"channels must be a positive integer, got {channels!r}")
+        self.channels, self.tied = channels, bool(tied)
+        self.eps, self.momentum = float(eps), float(momentum)
+        self.zero_init_last_bn = zero_init_last_bn
+        p, c = (1 if self.tied else depth), channels
+        for name in _CONV_PARAMS:
+            shape = (p, c, c, 3, 3) if name in ("conv1_weight", "conv2_weight") else (p, c)
+            setattr(self, name, nn.Parameter(torch.empty(shape)))
+        for i in (1, 2):
+            self.register_buffer(f"bn{i}_running_mean", torch.zeros(p, c))
+            self.register_buffer(f"bn{i}_running_var", torch.ones(p, c))
+            self.register_buffer(f"bn{i}_num_batches_tracked", torch.zeros(p, dtype=torch.long))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """``nn.Conv2d``, ``nn.BatchNorm2d`` defaults; last BN weight 0 if ``zero_init_last_bn``."""
+        bound = 1 / math.sqrt(self.channels * 9)
+        for name in ("conv1_weight", "conv1_bias", "conv2_weight", "conv2_bias"):
+            getattr(self, name).uniform_(-bound, bound)
+        self.bn1_weight.fill_(1.0)
+        self.bn1_bias.zero_()
+        self.bn2_weight.fill_(0.0 if self.zero_init_last_bn else 1.0)
+        self.bn2_bias.zero_()
+        for i in (1, 2):
+            getattr(self, f"bn{i}_running_mean").zero_()
+            getattr(self, f"bn{i}_running_var").fill_(1.0)
+            getattr(self, f"bn{i}_num_batches_tracked").zero_()
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, tied={self.tied}, " + super().extra_repr()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, Tensor) and x.dim() == 4 and x.shape[1] != self.channels:
+            raise ValueError(
+                f"ConvStack(channels={self.channels}) got an input with {x.shape[1]} channels "
+                f"(shape {tuple(x.shape)})"
+            )
+        x = self._check_input(x, 4, f"(batch, {self.channels}, H, W)")
+        scheme, h, depth, mode = self._cfg()
+        training = self.training
+        params = [getattr(self, n) for n in _CONV_PARAMS]
+        running = [getattr(self, n) for n in _CONV_BUFFERS]
+        if running[0].dtype != x.dtype:
+            raise TypeError(
+                f"ConvStack: running statistics are {running[0].dtype}, input {x.dtype}"
+            )
+        cfg = (scheme, h, depth, mode, training, self.momentum, self.eps)
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+            y = _ConvFunction.apply(x, running, cfg, *params)
+        else:
+            y, _, _ = _ext.ops().conv_forward(
+                x,
+                params,
+                running,
+                scheme,
+                h,
+                depth,
+                training,
+                training,
+                self.momentum,
+                self.eps,
+                False,
+            )
+        if training:
+            counts = self._eval_counts().to(self.bn1_num_batches_tracked.device)
+            self.bn1_num_batches_tracked.add_(counts)
+            self.bn2_num_batches_tracked.add_(counts)
+        return y
+
+    def _eval_counts(self) -> Tensor:
+        """Block evaluations per forward, per parameter slot (running-stat updates)."""
+        n = self.depth
+        if self.scheme.name == "euler":
+            counts = torch.ones(n, dtype=torch.long)
+        else:  # step k evaluates f_k(x_k) and f_{k+1}(y_k), k = 0 .. N-2
+            counts = torch.full((n,), 2, dtype=torch.long)
+            counts[0] = counts[-1] = 1
+        return counts.sum().reshape(1) if self.tied else counts
+
+    # -- conversion -------------------------------------------------------------------------
+    def _block(self, i: int) -> nn.Sequential:
+        c = self.channels
+        blk = nn.Sequential(
+            nn.Conv2d(c, c, 3, padding=1, bias=True),
+            nn.BatchNorm2d(c, eps=self.eps, momentum=self.momentum),
+            nn.ReLU(),
+            nn.Conv2d(c, c, 3, padding=1, bias=True),
+            nn.BatchNorm2d(c, eps=self.eps, momentum=self.momentum),
+        ).to(device=self.conv1_weight.device, dtype=self.conv1_weight.dtype)
+        with torch.no_grad():
+            for k, (conv, bn) in enumerate(((blk[0], blk[1]), (blk[3], blk[4])), start=1):
+                conv.weight.copy_(getattr(self, f"conv{k}_weight")[i])
+                conv.bias.copy_(getattr(self, f"conv{k}_bias")[i])
+                bn.weight.copy_(getattr(self, f"bn{k}_weight")[i])
+                bn.bias.copy_(getattr(self, f"bn{k}_bias")[i])
+                bn.running_mean.copy_(getattr(self, f"bn{k}_running_mean")[i])
+                bn.running_var.copy_(getattr(self, f"bn{k}_running_var")[i])
+                bn.num_batches_tracked.copy_(getattr(self, f"bn{k}_num_batches_tracked")[i])
+        return blk
+
+    def to_generic(self) -> ResidualStack:
+        """An equivalent :class:`resode.ResidualStack` of ``nn.Sequential`` blocks (copied values,
+        running statistics included)."""
+        kw = dict(scheme=self.scheme.name, backward=self.backward, step=self._step)
+        if self.tied:
+            stack = ResidualStack.tied(self._block(0), depth=self.depth, **kw)
+        else:
+            stack = ResidualStack([self._block(i) for i in range(self.depth)], **kw)
+        return stack.train(self.training)
+
+    @classmethod
+    def from_generic(cls, stack: ResidualStack) -> ConvStack:
+        """Build the fused stage of a ``ResidualStack`` of conv-BN-ReLU-conv-BN blocks (copies)."""
+        info = _conv_signature(stack)
+        if info is None:
+            raise TypeError(
+                "from_generic needs a ResidualStack whose blocks are all nn.Sequential(Conv2d(C, "
+                "C, 3, padding=1), BatchNorm2d(C), ReLU(), Conv2d(C, C, 3, padding=1), "
+                "BatchNorm2d(C)) with the same C, eps and momentum"
+            )
+        c, eps, momentum = info
+        ref = stack.blocks[0][0].weight
+        out = cls(
+            c,
+            stack.depth,
+            stack.scheme.name,
+            stack.backward,
+            stack.tied,
+            stack._step,
+            eps,
+            momentum,
+        ).to(device=ref.device, dtype=ref.dtype)
+        with torch.no_grad():
+            for i, blk in enumerate(stack.blocks):
+                for k, (conv, bn) in enumerate(((blk[0], blk[1]), (blk[3], blk[4])), start=1):
+                    getattr(out, f"conv{k}_weight")[i].copy_(conv.weight)
+                    getattr(out, f"conv{k}_bias")[i].copy_(conv.bias)
+                    getattr(out, f"bn{k}_weight")[i].copy_(bn.weight)
+                    getattr(out, f"bn{k}_bias")[i].copy_(bn.bias)
+                    getattr(out, f"bn{k}_running_mean")[i].copy_(bn.running_mean)
+                    getattr(out, f"bn{k}_running_var")[i].copy_(bn.running_var)
+                    getattr(out, f"bn{k}_num_batches_tracked")[i].copy_(bn.num_batches_tracked)
+        return out.train(stack.training)
+
+
+def _conv_ok(conv: nn.Module, c: int | None) -> bool:
+    return (
+        type(conv) is nn.Conv2d
+        and conv.in_channels == conv.out_channels
+        and (c is None or conv.in_channels == c)
+        and conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.bias is not None
+        and conv.padding_mode == "zeros"
+    )
+
+
+def _bn_ok(bn: nn.Module, c: int) -> bool:
+    return (
+        type(bn) is nn.BatchNorm2d
+        and bn.num_features == c
+        and bn.affine
+        and bn.track_running_stats
+        and bn.momentum is not None
+    )
+
+
+def _conv_signature(stack: nn.Module):
+    if not isinstance(stack, ResidualStack):
+        return None
+    sig = None
+    for blk in stack.blocks:
+        if not (isinstance(blk, nn.Sequential) and len(blk) == 5):
+            return None
+        c1, b1, r, c2, b2 = blk
+        if not _conv_ok(c1, None):
+            return None
+        c = c1.in_channels
+        if not (_conv_ok(c2, c) and _bn_ok(b1, c) and _bn_ok(b2, c) and type(r) is nn.ReLU):
+            return None
+        if (b1.eps, b1.momentum) != (b2.eps, b2.momentum):
+            return None
+        s = (c, b1.eps, b1.momentum)
+        if sig is not None and s != sig:
+            return None
+        sig = s
+    return sig
+
+
+def can_fuse(stack: nn.Module) -> bool:
+    """Does ``stack`` (a generic ``ResidualStack``) have a fused equivalent?"""
+    if isinstance(stack, ResidualStack) and stack.backward in _MODES and not stack.preserve_rng:
+        return _mlp_signature(stack) is not None or _conv_signature(stack) is not None
+    return False
+
+
+def fuse(stack: nn.Module, device: torch.device | str | None = None) -> nn.Module:
+    """The fused equivalent of ``stack`` when one exists and the extension runs on ``device``
+    (default: the stack's device); otherwise ``stack`` itself. Values are copied."""
+    if not can_fuse(stack):
+        return stack
+    if device is None:
+        device = next(stack.parameters()).device
+    if not available_for(device):
+        return stack
+    if _mlp_signature(stack) is not None:
+        return MLPStack.from_generic(stack)
+    return ConvStack.from_generic(stack)

@@ -1,0 +1,93 @@
+"""A small MLP ResNet on flattened images: no BatchNorm, cheap; for tests and smoke runs.
+
+Linear embedding of the flattened image, a residual stage of ``depth`` functions
+``Linear(dim, hidden)-act-Linear(hidden, dim)`` (the paper's MLP block), then a linear head.
+Without BatchNorm, data-parallel training gives exactly the single-process update on the union
+batch, which the DDP test relies on.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..stack import ResidualStack
+from ._base import StageModel
+from ._registry import register_model
+
+ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
+
+
+def mlp_block(dim: int, hidden: int, activation: str = "tanh") -> nn.Sequential:
+    """Residual function ``Linear(dim, hidden)-act-Linear(hidden, dim)``."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose one of {list(ACTIVATIONS)}")
+    return nn.Sequential(nn.Linear(dim, hidden), ACTIVATIONS[activation](), nn.Linear(hidden, dim))
+
+
+class MLPResNet(StageModel):
+    """Flatten -> Linear(in, dim) -> ResidualStack of MLP blocks -> Linear(dim, classes)."""
+
+    def __init__(
+        self,
+        depth: int,
+        dim: int,
+        hidden: int,
+        in_features: int,
+        num_classes: int,
+        activation: str,
+        scheme: str,
+        backward: str,
+        tied: bool,
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Linear(in_features, dim)
+        if tied:
+            stack = ResidualStack.tied(
+                mlp_block(dim, hidden, activation), depth=depth, scheme=scheme, backward=backward
+            )
+        else:
+            blocks = [mlp_block(dim, hidden, activation) for _ in range(depth)]
+            stack = ResidualStack(blocks, scheme=scheme, backward=backward)
+        self.layer1 = stack
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.layer1(self.embed(x.flatten(1)))  # (B, dim)
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        return self.fc(x)  # (B, num_classes)
+
+    def config_with(self, depths=None, tied=None):
+        kw = {}
+        if depths is not None:
+            (kw["depth"],) = depths
+        if tied is not None:
+            kw["tied"] = tied
+        return self.config.replace(**kw)
+
+
+@register_model
+def mlp_resnet(
+    depth: int = 4,
+    dim: int = 32,
+    hidden: int = 64,
+    in_channels: int = 1,
+    image_size: int = 28,
+    num_classes: int = 10,
+    activation: str = "tanh",
+    scheme: str = "euler",
+    backward: str = "autograd",
+    tied: bool = False,
+) -> MLPResNet:
+    """MLP ResNet on ``in_channels x image_size x image_size`` images (see :class:`MLPResNet`)."""
+    return MLPResNet(
+        depth,
+        dim,
+        hidden,
+        in_channels * image_size**2,
+        num_classes,
+        activation,
+        scheme,
+        backward,
+        tied,
+    )

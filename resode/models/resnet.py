@@ -1,0 +1,291 @@
+"""The ResNet family of the paper's Figs 3a/3b and Table 2 (DESIGN.md section 4).
+
+A torchvision-style stem (ImageNet: conv7x7 stride 2 + max-pool; ``small_input=True`` for
+CIFAR-size images: conv3x3 stride 1, no max-pool), then four stages. Stage ``i`` is one
+ordinary torchvision block (post-activation, possibly downsampling, plain autograd) followed by
+a :class:`resode.ResidualStack` of ``layers[i] - 1`` pre-activation residual functions with step
+``1 / (layers[i] - 1)``: ``ReLU-conv3x3-BN-ReLU-conv3x3-BN`` (basic) or
+``ReLU-conv1x1-BN-ReLU-conv3x3-BN-ReLU-conv1x1-BN`` (bottleneck), last BN zero-initialised.
+So ``layers`` counts blocks as torchvision does (``resnet101`` = ``[3, 4, 23, 3]``).
+Then BN + ReLU, global average pooling and a linear layer.
+
+``tied=True``: each stage's residual functions share one block (any number of steps, same
+parameters), as in the paper's tied-weight experiments (Fig 3a, Table 2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from ..stack import ResidualStack
+from ._base import StageModel, zero_init_last_bn
+from ._registry import ModelConfig, register_model
+
+BLOCK_TYPES = ("basic", "bottleneck")
+
+
+def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+
+
+def _conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """torchvision's basic block (post-activation, optional projection shortcut)."""
+
+    expansion = 1
+
+    def __init__(self, cin: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        cout = planes * self.expansion
+        self.conv1 = _conv3x3(cin, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = _conv3x3(planes, cout)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU()
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(_conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        idt = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + idt)
+
+
+class Bottleneck(nn.Module):
+    """torchvision's bottleneck block (stride on the 3x3 conv, v1.5)."""
+
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        cout = planes * self.expansion
+        self.conv1 = _conv1x1(cin, planes)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = _conv3x3(planes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = _conv1x1(planes, cout)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU()
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(_conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        idt = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + idt)
+
+
+def preact_basic(channels: int) -> nn.Sequential:
+    """Pre-activation basic residual function: ReLU-conv3x3-BN-ReLU-conv3x3-BN."""
+    return nn.Sequential(
+        nn.ReLU(),
+        _conv3x3(channels, channels),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(),
+        _conv3x3(channels, channels),
+        nn.BatchNorm2d(channels),
+    )
+
+
+def preact_bottleneck(channels: int, planes: int) -> nn.Sequential:
+    """Pre-activation bottleneck function: ReLU-conv1x1-BN-ReLU-conv3x3-BN-ReLU-conv1x1-BN."""
+    return nn.Sequential(
+        nn.ReLU(),
+        _conv1x1(channels, planes),
+        nn.BatchNorm2d(planes),
+        nn.ReLU(),
+        _conv3x3(planes, planes),
+        nn.BatchNorm2d(planes),
+        nn.ReLU(),
+        _conv1x1(planes, channels),
+        nn.BatchNorm2d(channels),
+    )
+
+
+class ResNetStage(nn.Module):
+    """One stage: an ordinary (possibly downsampling) block, then a residual stack (if any)."""
+
+    def __init__(self, first: nn.Module, stack: ResidualStack | None) -> None:
+        super().__init__()
+        self.first = first
+        self.stack = stack
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.first(x)
+        return x if self.stack is None else self.stack(x)
+
+
+class ODEResNet(StageModel):
+    """ResNet whose stages end in ODE-like residual stacks (see the module docstring).
+
+    Args:
+        layers: blocks per stage, torchvision-style (stage ``i`` = 1 ordinary block +
+            ``layers[i] - 1`` residual functions). Heun needs ``layers[i] - 1 >= 2``.
+        block: ``"basic"`` or ``"bottleneck"``.
+        num_classes, in_channels: classifier output / input channels.
+        small_input: CIFAR-size stem (conv3x3 stride 1, no max-pool) instead of ImageNet's.
+        width: channels of the first stage (64 in torchvision); stages use
+            ``width * (1, 2, 4, 8)`` (times 4 after a bottleneck). Shrink it for CPU runs.
+        scheme, backward: of every residual stack.
+        tied: one shared residual function per stage.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[int],
+        block: str = "basic",
+        num_classes: int = 1000,
+        in_channels: int = 3,
+        small_input: bool = False,
+        width: int = 64,
+        scheme: str = "euler",
+        backward: str = "autograd",
+        tied: bool = False,
+    ) -> None:
+        super().__init__()
+        layers = [int(n) for n in layers]
+        if len(layers) != 4 or any(n < 1 for n in layers):
+            raise ValueError(f"layers must be 4 positive block counts, got {layers}")
+        if block not in BLOCK_TYPES:
+            raise ValueError(f"unknown block type {block!r}; choose one of {list(BLOCK_TYPES)}")
+        ordinary = BasicBlock if block == "basic" else Bottleneck
+        if small_input:
+            self.stem = nn.Sequential(
+                _conv3x3(in_channels, width), nn.BatchNorm2d(width), nn.ReLU()
+            )
+        else:
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(),
+                nn.MaxPool2d(3, stride=2, padding=1),
+            )
+        cin = width
+        for i, n in enumerate(layers):
+            planes = width * 2**i
+            first = ordinary(cin, planes, stride=1 if i == 0 else 2)
+            cin = planes * ordinary.expansion
+            stack = None
+            if n > 1:
+                depth = n - 1
+
+                def make(cin=cin, planes=planes):
+                    f = preact_basic(cin) if block == "basic" else preact_bottleneck(cin, planes)
+                    zero_init_last_bn(f)
+                    return f
+
+                try:
+                    if tied:
+                        stack = ResidualStack.tied(
+                            make(), depth=depth, scheme=scheme, backward=backward
+                        )
+                    else:
+                        blocks = [make() for _ in range(depth)]
+                        stack = ResidualStack(blocks, scheme=scheme, backward=backward)
+                except ValueError as e:
+                    raise ValueError(
+                        f"stage {i + 1} (layers[{i}] = {n}: {depth} residual functions): {e}"
+                    ) from None
+            self.add_module(f"layer{i + 1}", ResNetStage(first, stack))
+        self.norm = nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+        self.num_features = cin
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        # the full arguments of the generic ``resnet`` entry (used when depths change)
+        self._arch = dict(
+            layers=layers,
+            block=block,
+            num_classes=num_classes,
+            in_channels=in_channels,
+            small_input=small_input,
+            width=width,
+            scheme=scheme,
+            backward=backward,
+            tied=tied,
+        )
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        x = self.stem(x)  # (B, width, H/4, W/4) on ImageNet, (B, width, H, W) small_input
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        x = self.layer4(x)
+        return self.norm(x)  # (B, num_features, H/32, W/32)
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        return self.fc(self.pool(x).flatten(1))  # (B, num_classes)
+
+    def config_with(self, depths=None, tied=None):
+        cfg = self.config
+        if depths is not None:
+            layers = []
+            it = iter(depths)
+            for i in range(4):
+                stage = getattr(self, f"layer{i + 1}")
+                layers.append(1 if stage.stack is None else 1 + next(it))
+            # named entries (resnet18, ...) fix their layers: fall back to the generic entry
+            kw = {**self._arch, **{k: v for k, v in cfg.kwargs.items() if k in self._arch}}
+            cfg = ModelConfig("resnet", {**kw, "layers": layers})
+        if tied is not None:
+            cfg = cfg.replace(tied=tied)
+        return cfg
+
+
+@register_model
+def resnet(
+    layers: Sequence[int] = (2, 2, 2, 2),
+    block: str = "basic",
+    num_classes: int = 1000,
+    in_channels: int = 3,
+    small_input: bool = False,
+    width: int = 64,
+    scheme: str = "euler",
+    backward: str = "autograd",
+    tied: bool = False,
+) -> ODEResNet:
+    """A ResNet with custom per-stage block counts ``layers`` (see :class:`ODEResNet`)."""
+    return ODEResNet(
+        layers, block, num_classes, in_channels, small_input, width, scheme, backward, tied
+    )
+
+
+def _entry(layers, block, doc):
+    def fn(
+        num_classes: int = 1000,
+        in_channels: int = 3,
+        small_input: bool = False,
+        width: int = 64,
+        scheme: str = "euler",
+        backward: str = "autograd",
+        tied: bool = False,
+    ) -> ODEResNet:
+        return ODEResNet(
+            layers, block, num_classes, in_channels, small_input, width, scheme, backward, tied
+        )
+
+    fn.__doc__ = doc
+    return fn
+
+
+def _make(name, layers, block):
+    fn = _entry(layers, block, f"ResNet with layers {layers} ({block} blocks); see ODEResNet.")
+    fn.__name__ = fn.__qualname__ = name
+    return register_model(fn)
+
+
+resnet18 = _make("resnet18", [2, 2, 2, 2], "basic")
+resnet34 = _make("resnet34", [3, 4, 6, 3], "basic")
+resnet50 = _make("resnet50", [3, 4, 6, 3], "bottleneck")
+resnet101 = _make("resnet101", [3, 4, 23, 3], "bottleneck")
+resnet152 = _make("resnet152", [3, 8, 36, 3], "bottleneck")

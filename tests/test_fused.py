@@ -1,0 +1,391 @@
+"""Fused stages (resode._C) against the generic engine: parity, adjoint error rates, bad input.
+
+These tests skip when the extension is unavailable, unless RESODE_REQUIRE_EXTENSION=1 (CI sets
+it for the run against the built ``_C``), in which case they fail.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import resode
+from resode import _ext, fused
+
+SCHEMES = ("euler", "heun")
+MODES = ("autograd", "adjoint")
+TIED = (False, True)
+
+
+@pytest.fixture(autouse=True)
+def _need_extension():
+    status = _ext.extension_available()
+    if not status:
+        if os.environ.get("RESODE_REQUIRE_EXTENSION", "") == "1":
+            pytest.fail(
+                f"RESODE_REQUIRE_EXTENSION=1 but the extension is unavailable: {status.reason}"
+            )
+        pytest.skip(f"resode._C unavailable: {status.reason}")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def _assert_close(a, b, name, rtol=1e-10, atol=0.0):
+    a, b = a.detach(), b.detach()
+    err = float((a - b).norm())
+    bound = rtol * float(b.norm()) + atol
+    assert err <= bound, f"{name}: |a-b| = {err:.3e} > {bound:.3e} (|b| = {float(b.norm()):.3e})"
+
+
+def _mlp_pairs(f: fused.MLPStack, g: resode.ResidualStack):
+    """(name, fused slice, generic tensor) for every parameter of every block."""
+    out = []
+    for i, blk in enumerate(g.blocks):
+        out += [(f"w1[{i}]", f.w1, i, blk[0].weight), (f"w2[{i}]", f.w2, i, blk[2].weight)]
+        if f.b1 is not None:
+            out += [(f"b1[{i}]", f.b1, i, blk[0].bias), (f"b2[{i}]", f.b2, i, blk[2].bias)]
+    return out
+
+
+def _conv_pairs(f: fused.ConvStack, g: resode.ResidualStack):
+    out = []
+    for i, blk in enumerate(g.blocks):
+        for k, (conv, bn) in enumerate(((blk[0], blk[1]), (blk[3], blk[4])), start=1):
+            out += [
+                (f"conv{k}_weight[{i}]", getattr(f, f"conv{k}_weight"), i, conv.weight),
+                (f"conv{k}_bias[{i}]", getattr(f, f"conv{k}_bias"), i, conv.bias),
+                (f"bn{k}_weight[{i}]", getattr(f, f"bn{k}_weight"), i, bn.weight),
+                (f"bn{k}_bias[{i}]", getattr(f, f"bn{k}_bias"), i, bn.bias),
+            ]
+    return out
+
+
+def _buffer_pairs(f: fused.ConvStack, g: resode.ResidualStack):
+    out = []
+    for i, blk in enumerate(g.blocks):
+        for k, bn in ((1, blk[1]), (2, blk[4])):
+            out += [
+                (f"bn{k}_running_mean[{i}]", getattr(f, f"bn{k}_running_mean")[i], bn.running_mean),
+                (f"bn{k}_running_var[{i}]", getattr(f, f"bn{k}_running_var")[i], bn.running_var),
+                (
+                    f"bn{k}_num_batches_tracked[{i}]",
+                    getattr(f, f"bn{k}_num_batches_tracked")[i],
+                    bn.num_batches_tracked,
+                ),
+            ]
+    return out
+
+
+def _run_parity(f, x_shape, pairs_fn, buffers=False, steps=2):
+    """Run fused and generic stages side by side (``steps`` forward/backward passes) and compare
+    outputs, input gradients, every parameter gradient and the BN buffers."""
+    g = f.to_generic()
+    for it in range(steps):
+        x = torch.randn(*x_shape, dtype=torch.float64)
+        w = torch.randn(*x_shape, dtype=torch.float64)
+        xf = x.clone().requires_grad_(True)
+        xg = x.clone().requires_grad_(True)
+        yf, yg = f(xf), g(xg)
+        _assert_close(yf, yg, f"output (pass {it})")
+        (yf * w).sum().backward()
+        (yg * w).sum().backward()
+        pairs = pairs_fn(f, g)
+        scale = max(float(t.grad.norm()) for _, _, _, t in pairs)
+        _assert_close(xf.grad, xg.grad, f"input grad (pass {it})")
+        for name, fp, i, gp in pairs:
+            # tied: the generic stack has one block; the fused slot 0 holds the summed grad
+            _assert_close(fp.grad[i], gp.grad, name, atol=1e-12 * scale)
+        if buffers:
+            for name, a, b in _buffer_pairs(f, g):
+                if a.dtype == torch.long:
+                    assert torch.equal(a, b), name
+                else:
+                    _assert_close(a, b, name)
+        f.zero_grad()
+        g.zero_grad()
+    return f, g
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("backward", MODES)
+@pytest.mark.parametrize("tied", TIED)
+def test_mlp_parity_float64(scheme, backward, tied):
+    f = fused.MLPStack(4, 7, 6, "tanh", scheme, backward, tied=tied).double()
+    _run_parity(f, (5, 4), _mlp_pairs)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("backward", MODES)
+def test_mlp_parity_activations_nobias(activation, backward):
+    f = fused.MLPStack(3, 5, 5, activation, "heun", backward, bias=False, step=0.3).double()
+    _run_parity(f, (2, 6, 3), _mlp_pairs)  # leading dims are flattened
+
+
+def _randomise_bn(f: fused.ConvStack):
+    with torch.no_grad():
+        for k in (1, 2):
+            getattr(f, f"bn{k}_weight").uniform_(0.5, 1.5)
+            getattr(f, f"bn{k}_bias").uniform_(-0.5, 0.5)
+            getattr(f, f"bn{k}_running_mean").uniform_(-0.2, 0.2)
+            getattr(f, f"bn{k}_running_var").uniform_(0.5, 2.0)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("backward", MODES)
+@pytest.mark.parametrize("tied", TIED)
+def test_conv_parity_float64(scheme, backward, tied):
+    f = fused.ConvStack(3, 4, scheme, backward, tied=tied).double()
+    _randomise_bn(f)  # the default zero-initialised last BN would hide most of the gradient
+    f, _ = _run_parity(f, (4, 3, 5, 5), _conv_pairs, buffers=True)
+    # two forward passes: one running-stat update per block evaluation each
+    evals = 4 if scheme == "euler" else 2 * 3
+    if tied:
+        assert f.bn2_num_batches_tracked.tolist() == [2 * evals]
+    elif scheme == "euler":
+        assert f.bn1_num_batches_tracked.tolist() == [2, 2, 2, 2]
+    else:
+        assert f.bn1_num_batches_tracked.tolist() == [2, 4, 4, 2]
+
+
+@pytest.mark.parametrize("backward", MODES)
+def test_conv_parity_eval_mode(backward):
+    f = fused.ConvStack(3, 3, "heun", backward).double()
+    _randomise_bn(f)
+    f.eval()
+    _run_parity(f, (2, 3, 4, 4), _conv_pairs, buffers=True, steps=1)
+
+
+def test_conv_no_grad_updates_running_stats_once():
+    f = fused.ConvStack(2, 3, "euler").double()
+    g = f.to_generic()
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        _assert_close(f(x), g(x), "output")
+    for name, a, b in _buffer_pairs(f, g):
+        if a.dtype == torch.long:
+            assert torch.equal(a, b), name
+        else:
+            _assert_close(a, b, name)
+    assert f.bn1_num_batches_tracked.tolist() == [1, 1, 1]
+
+
+def test_adjoint_stored_variant_matches_generic():
+    f = fused.MLPStack(3, 6, 5, "tanh", "heun", "adjoint_stored").double()
+    _run_parity(f, (4, 3), _mlp_pairs, steps=1)
+    c = fused.ConvStack(2, 3, "euler", "adjoint_stored").double()
+    _randomise_bn(c)
+    _run_parity(c, (2, 2, 3, 3), _conv_pairs, buffers=True, steps=1)
+
+
+# ---------------------------------------------------------------------------------- error rates
+def _grad_error(f: fused.MLPStack, x: torch.Tensor, w: torch.Tensor) -> float:
+    grads = {}
+    for mode in ("autograd", "adjoint"):
+        f.backward = mode
+        f.zero_grad()
+        (f(x) * w).sum().backward()
+        grads[mode] = torch.cat([p.grad.flatten() for p in f.parameters()])
+    return _rel(grads["adjoint"], grads["autograd"])
+
+
+def _slope(depths, errors) -> float:
+    return float(np.polyfit(np.log(depths), np.log(errors), 1)[0])
+
+
+def test_adjoint_error_rate_euler_iid():
+    depths = [8, 16, 32, 64, 128, 256]
+    errs = []
+    torch.manual_seed(1)
+    x = torch.randn(16, 8, dtype=torch.float64)
+    w = torch.randn(16, 8, dtype=torch.float64)
+    for n in depths:
+        torch.manual_seed(2)
+        f = fused.MLPStack(8, 16, n, "tanh", "euler").double()
+        errs.append(_grad_error(f, x, w))
+    slope = _slope(depths, errs)
+    assert slope <= -0.9, f"Euler adjoint error slope {slope:.2f} (errors {errs})"
+
+
+def _smooth_mlp(n: int, scheme: str) -> fused.MLPStack:
+    """Weights that are smooth functions of depth t = i/N (fixed random coefficients)."""
+    f = fused.MLPStack(8, 16, n, "tanh", scheme).double()
+    gen = torch.Generator().manual_seed(3)
+    t = torch.arange(n, dtype=torch.float64) / n
+    with torch.no_grad():
+        for p in f.parameters():
+            shape = p.shape[1:]
+            a, b, c = (torch.randn(*shape, generator=gen, dtype=torch.float64) for _ in range(3))
+            s = 1 / math.sqrt(shape[-1])
+            tt = t.reshape(-1, *([1] * len(shape)))
+            p.copy_(s * (a + b * torch.sin(2 * math.pi * tt) + c * torch.cos(math.pi * tt)))
+    return f
+
+
+def test_adjoint_error_rate_heun_smooth():
+    depths = [8, 16, 32, 64, 128, 256]
+    errs = []
+    torch.manual_seed(1)
+    x = torch.randn(16, 8, dtype=torch.float64)
+    w = torch.randn(16, 8, dtype=torch.float64)
+    for n in depths:
+        errs.append(_grad_error(_smooth_mlp(n, "heun"), x, w))
+    slope = _slope(depths, errs)
+    assert slope <= -1.8, f"Heun adjoint error slope {slope:.2f} (errors {errs})"
+
+
+# ----------------------------------------------------------------------------------- bad input
+def test_bad_inputs_mlp():
+    f = fused.MLPStack(4, 6, 3).double()
+    with pytest.raises(ValueError, match=r"\(\.\.\., 4\)"):
+        f(torch.randn(2, 5, dtype=torch.float64))
+    with pytest.raises(TypeError, match="dtype"):
+        f(torch.randn(2, 4, dtype=torch.float32))
+    with pytest.raises(TypeError):
+        f(torch.ones(2, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="meta"):
+        f(torch.randn(2, 4, dtype=torch.float64, device="meta"))
+    with pytest.raises(TypeError, match="tensor"):
+        f([1.0, 2.0])
+    with pytest.raises(ValueError, match="activation"):
+        fused.MLPStack(4, 6, 3, activation="sigmoid")
+    with pytest.raises(ValueError, match="scheme"):
+        fused.MLPStack(4, 6, 3, scheme="rk4")
+    with pytest.raises(ValueError, match="backward"):
+        fused.MLPStack(4, 6, 3, backward="checkpoint")
+    with pytest.raises(ValueError):
+        fused.MLPStack(4, 6, 1, scheme="heun")
+
+
+def test_non_contiguous_input_is_handled():
+    f = fused.MLPStack(4, 6, 3).double()
+    x = torch.randn(4, 7, dtype=torch.float64).t()  # (7, 4), not contiguous
+    assert not x.is_contiguous()
+    torch.testing.assert_close(f(x), f(x.contiguous()), rtol=0, atol=0)
+    c = fused.ConvStack(2, 2).double()
+    xc = torch.randn(2, 3, 3, 2, dtype=torch.float64).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(c.eval()(xc), c(xc.contiguous()), rtol=0, atol=0)
+
+
+def test_mismatched_parameter_shapes():
+    ops = _ext.ops()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    w1 = torch.randn(2, 5, 4, dtype=torch.float64)
+    w2 = torch.randn(2, 4, 6, dtype=torch.float64)  # hidden 6 != 5
+    with pytest.raises((ValueError, RuntimeError), match="w2"):
+        ops.mlp_forward(x, w1, None, w2, None, 0, 0, 0.5, 2, False)
+    w2 = torch.randn(3, 4, 5, dtype=torch.float64)  # 3 blocks for depth 2
+    with pytest.raises((ValueError, RuntimeError), match="leading size"):
+        ops.mlp_forward(x, w1, None, w2, None, 0, 0, 0.5, 2, False)
+    f = fused.MLPStack(4, 6, 3).double()
+    f.w2 = nn.Parameter(torch.randn(3, 4, 7, dtype=torch.float64))
+    with pytest.raises((ValueError, RuntimeError), match="w2"):
+        f(torch.randn(2, 4, dtype=torch.float64))
+    c = fused.ConvStack(2, 2).double()
+    with pytest.raises(ValueError, match="channels"):
+        c(torch.randn(1, 3, 4, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="4-D"):
+        c(torch.randn(2, 4, 4, dtype=torch.float64))
+    c.conv2_weight = nn.Parameter(torch.randn(2, 2, 2, 5, 5, dtype=torch.float64))
+    with pytest.raises((ValueError, RuntimeError), match="conv2.weight"):
+        c(torch.randn(1, 2, 4, 4, dtype=torch.float64))
+
+
+def test_from_generic_rejects_other_blocks():
+    stack = resode.ResidualStack([nn.Sequential(nn.Linear(3, 3), nn.Sigmoid(), nn.Linear(3, 3))])
+    assert not fused.can_fuse(stack)
+    assert fused.fuse(stack) is stack
+    with pytest.raises(TypeError, match="from_generic"):
+        fused.MLPStack.from_generic(stack)
+    with pytest.raises(TypeError, match="from_generic"):
+        fused.ConvStack.from_generic(stack)
+
+
+# -------------------------------------------------------------------------------- conversions
+@pytest.mark.parametrize("tied", TIED)
+def test_round_trip_mlp(tied):
+    f = fused.MLPStack(3, 5, 4, "gelu", "heun", "adjoint", tied=tied)
+    g = f.to_generic()
+    assert isinstance(g, resode.ResidualStack) and g.tied == tied and g.backward == "adjoint"
+    f2 = fused.MLPStack.from_generic(g)
+    assert f2.state_dict().keys() == f.state_dict().keys()
+    for k, v in f.state_dict().items():
+        assert torch.equal(v, f2.state_dict()[k]), k
+    g2 = f2.to_generic()
+    for k, v in g.state_dict().items():
+        assert torch.equal(v, g2.state_dict()[k]), k
+    assert fused.can_fuse(g)
+    assert isinstance(fused.fuse(g), fused.MLPStack)
+
+
+@pytest.mark.parametrize("tied", TIED)
+def test_round_trip_conv(tied):
+    f = fused.ConvStack(2, 3, "euler", tied=tied)
+    _randomise_bn(f)
+    f.bn1_num_batches_tracked.fill_(7)
+    g = f.to_generic()
+    f2 = fused.ConvStack.from_generic(g)
+    for k, v in f.state_dict().items():
+        assert torch.equal(v, f2.state_dict()[k]), k
+    assert torch.all(f.bn2_weight == f2.bn2_weight)
+    assert isinstance(fused.fuse(g), fused.ConvStack)
+    assert fused.ConvStack(2, 3).bn2_weight.abs().sum() == 0  # zero-initialised last BN
+
+
+def test_stage_api_and_backward_switch():
+    f = fused.MLPStack(3, 4, 5, scheme="heun")
+    assert isinstance(f, resode.Stage) and f.num_steps == 4 and f.step == pytest.approx(0.2)
+    with resode.backward_mode(f, "adjoint"):
+        assert f.backward == "adjoint"
+    assert f.backward == "autograd"
+    assert fused.available_for("cpu")
+    assert fused.available_for("cpu") == bool(_ext.extension_available())
+
+
+def test_activation_memory_adjoint_is_flat_and_autograd_grows():
+    from resode.diagnostics import saved_tensor_bytes
+
+    def mem(depth, mode):
+        f = fused.MLPStack(8, 8, depth, backward=mode)
+        x = torch.randn(4, 8, requires_grad=True)
+        return saved_tensor_bytes(f, x, exclude=list(f.parameters()))
+
+    assert mem(4, "adjoint") == mem(64, "adjoint") > 0
+    assert mem(64, "autograd") > 10 * mem(4, "adjoint")
+
+
+def test_fake_kernels_give_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(3, 4)
+        w1, w2 = torch.empty(5, 6, 4), torch.empty(5, 4, 6)
+        y, saved = torch.ops.resode.mlp_forward(x, w1, None, w2, None, 0, 0, 0.2, 5, True)
+        assert y.shape == (3, 4) and len(saved) == 10 and saved[5].shape == (3, 6)
+
+
+def test_disabled_extension_reports_why():
+    code = (
+        "import warnings, resode._ext as e\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    s = e.extension_available()\n"
+        "assert not s and not s.cuda and 'RESODE_DISABLE_EXTENSION' in s.reason, s\n"
+        "import resode.fused as f\n"
+        "assert not f.available_for('cpu')\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, RESODE_DISABLE_EXTENSION="1")
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr

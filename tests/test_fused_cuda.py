@@ -1,0 +1,177 @@
+"""CUDA tests of the fused stages (run by benchmarks/gpu_check.sh; skipped without a GPU).
+
+float32 parity with the generic engine on the same GPU: TF32 is turned off for both engines;
+tolerance 1e-4 relative (outputs) and 2e-3 relative (input and parameter gradients, plus an
+absolute floor of 1e-5 x the largest gradient norm for the conv biases in front of a
+training-mode BatchNorm, whose exact gradient is zero). The two engines differ only in
+summation order (our fused kernels vs cuDNN / PyTorch's BN), so the observed errors are ~1e-6.
+bfloat16: forward and backward run, are finite, and agree with float32 to 5e-2 relative
+(outputs) and 1e-1 relative (gradients; plus 2e-2 x the largest gradient norm as a floor).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from resode import _ext, fused
+
+pytestmark = pytest.mark.cuda
+
+SCHEMES = ("euler", "heun")
+MODES = ("autograd", "adjoint")
+
+
+@pytest.fixture(autouse=True)
+def _need_cuda_extension():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible")
+    status = _ext.extension_available()
+    if not status.cuda:
+        if os.environ.get("RESODE_REQUIRE_EXTENSION", "") == "1":
+            pytest.fail(
+                f"RESODE_REQUIRE_EXTENSION=1 but the CUDA extension is unavailable: {status}"
+            )
+        pytest.skip(f"resode._C CUDA kernels unavailable: {status.reason}")
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _rel(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def _grads(stage):
+    return [p.grad.clone() for p in stage.parameters()]
+
+
+def _step(stage, x, w):
+    stage.zero_grad()
+    xi = x.clone().requires_grad_(True)
+    y = stage(xi)
+    (y.float() * w).sum().backward()
+    return y.detach(), xi.grad
+
+
+def _compare(f, x_shape, pairs_fn, buffers=False):
+    g = f.to_generic()
+    x = torch.randn(*x_shape, device="cuda")
+    w = torch.randn(*x_shape, device="cuda")
+    yf, gxf = _step(f, x, w)
+    yg, gxg = _step(g, x, w)
+    assert _rel(yf, yg) < 1e-4
+    assert _rel(gxf, gxg) < 2e-3
+    pairs = pairs_fn(f, g)
+    scale = max(float(t.grad.norm()) for _, _, _, t in pairs)
+    for name, fp, i, gp in pairs:
+        err = float((fp.grad[i] - gp.grad).norm())
+        assert err <= 2e-3 * float(gp.grad.norm()) + 1e-5 * scale, name
+    if buffers:
+        for i, blk in enumerate(g.blocks):
+            assert _rel(f.bn1_running_mean[i], blk[1].running_mean) < 1e-4
+            assert _rel(f.bn2_running_var[i], blk[4].running_var) < 1e-4
+            assert int(f.bn1_num_batches_tracked[i]) == int(blk[1].num_batches_tracked)
+
+
+def _mlp_pairs(f, g):
+    out = []
+    for i, blk in enumerate(g.blocks):
+        out += [("w1", f.w1, i, blk[0].weight), ("w2", f.w2, i, blk[2].weight)]
+        out += [("b1", f.b1, i, blk[0].bias), ("b2", f.b2, i, blk[2].bias)]
+    return out
+
+
+def _conv_pairs(f, g):
+    out = []
+    for i, blk in enumerate(g.blocks):
+        for k, (conv, bn) in enumerate(((blk[0], blk[1]), (blk[3], blk[4])), start=1):
+            out += [
+                (f"conv{k}_weight", getattr(f, f"conv{k}_weight"), i, conv.weight),
+                (f"conv{k}_bias", getattr(f, f"conv{k}_bias"), i, conv.bias),
+                (f"bn{k}_weight", getattr(f, f"bn{k}_weight"), i, bn.weight),
+                (f"bn{k}_bias", getattr(f, f"bn{k}_bias"), i, bn.bias),
+            ]
+    return out
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("backward", MODES)
+@pytest.mark.parametrize("tied", (False, True))
+def test_mlp_parity_float32_cuda(scheme, backward, tied):
+    f = fused.MLPStack(16, 32, 8, "tanh", scheme, backward, tied=tied).cuda()
+    _compare(f, (64, 16), _mlp_pairs)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_mlp_activations_cuda(activation):
+    f = fused.MLPStack(16, 32, 6, activation, "heun", "adjoint").cuda()
+    _compare(f, (32, 16), _mlp_pairs)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("backward", MODES)
+@pytest.mark.parametrize("tied", (False, True))
+def test_conv_parity_float32_cuda(scheme, backward, tied):
+    f = fused.ConvStack(8, 4, scheme, backward, tied=tied).cuda()
+    with torch.no_grad():
+        f.bn2_weight.uniform_(0.5, 1.5)
+        f.bn1_bias.uniform_(-0.5, 0.5)
+    _compare(f, (16, 8, 10, 10), _conv_pairs, buffers=True)
+
+
+def test_conv_eval_mode_cuda():
+    f = fused.ConvStack(8, 4, "heun", "adjoint").cuda()
+    with torch.no_grad():
+        f.bn2_weight.uniform_(0.5, 1.5)
+        f.bn1_running_var.uniform_(0.5, 2.0)
+    f.eval()
+    _compare(f, (8, 8, 6, 6), _conv_pairs)
+
+
+@pytest.mark.parametrize("backward", MODES)
+def test_bfloat16_sane(backward):
+    for make, shape in (
+        (lambda: fused.MLPStack(32, 64, 8, "tanh", "heun", backward), (64, 32)),
+        (lambda: fused.ConvStack(8, 4, "euler", backward), (16, 8, 8, 8)),
+    ):
+        torch.manual_seed(0)
+        f32 = make().cuda()
+        if isinstance(f32, fused.ConvStack):
+            with torch.no_grad():
+                f32.bn2_weight.fill_(1.0)
+        fb = make().cuda()
+        fb.load_state_dict(f32.state_dict())
+        fb = fb.to(torch.bfloat16)
+        x = torch.randn(*shape, device="cuda")
+        w = torch.randn(*shape, device="cuda")
+        y32, gx32 = _step(f32, x, w)
+        yb, gxb = _step(fb, x.to(torch.bfloat16), w)
+        assert yb.dtype == torch.bfloat16 and torch.isfinite(yb).all()
+        assert _rel(yb, y32) < 5e-2
+        assert torch.isfinite(gxb).all() and _rel(gxb, gx32) < 1e-1
+        # conv biases in front of a training-mode BN have an exact gradient of zero: compare
+        # with an absolute floor relative to the largest gradient
+        scale = max(float(p.grad.double().norm()) for p in f32.parameters())
+        for pb, p32 in zip(fb.parameters(), f32.parameters()):
+            assert torch.isfinite(pb.grad).all()
+            err = float((pb.grad.double() - p32.grad.double()).norm())
+            assert err <= 1e-1 * float(p32.grad.double().norm()) + 2e-2 * scale
+
+
+def test_cuda_bad_device_mix():
+    f = fused.MLPStack(4, 4, 3).cuda()
+    with pytest.raises(ValueError, match="cuda"):
+        f(torch.randn(2, 4))
+    out, _ = torch.ops.resode.mlp_forward(
+        torch.randn(2, 4, device="cuda"), f.w1, f.b1, f.w2, f.b2, 0, 0, 0.3, 3, False
+    )
+    assert out.is_cuda
+    with pytest.raises((TypeError, RuntimeError), match="device|cuda|cpu"):
+        torch.ops.resode.mlp_forward(
+            torch.randn(2, 4, device="cuda"), f.w1.cpu(), None, f.w2, None, 0, 0, 0.3, 3, False
+        )

@@ -1,0 +1,183 @@
+"""benchmarks/peers.py: the methods compute the same network, their gradients agree with plain
+autograd within the expected error, the memory accounting sees what each method keeps, and a
+tiny end-to-end run writes finite numbers, the tables and the plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+peers = pytest.importorskip("peers")
+_common = pytest.importorskip("_common")
+pytest.importorskip("torchdiffeq")
+
+TINY_MLP = {"kind": "mlp", "batch": 8, "dim": 12, "hidden": 6}
+TINY_CONV = {"kind": "conv", "batch": 4, "channels": 3, "size": 5}
+FUSED = peers.fused_status("cpu") == "available"
+
+
+def _grads(model, x, target):
+    params = list(model.parameters())
+    loss = 0.5 * (model(x) - target).square().sum()
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("cfg", [TINY_MLP, TINY_CONV], ids=["mlp", "conv"])
+def test_every_method_runs_the_same_forward(cfg):
+    depth = 8
+    blocks = peers.make_blocks(cfg, depth, seed=3, dtype=torch.float64)
+    x = peers.make_input(cfg, dtype=torch.float64)
+    ref = peers.PlainLoop(blocks)
+    with torch.no_grad():
+        blocks.eval()  # BN on running statistics: every call sees the same function
+        y_ref = ref(x)
+        for m in peers.METHODS:
+            if m.scheme != "euler" or (m.family == "fused" and not FUSED):
+                continue
+            model = peers.build_method(m, blocks, cfg).eval()
+            torch.testing.assert_close(model(x), y_ref, rtol=1e-10, atol=1e-10, msg=m.key)
+
+
+def test_torchdiffeq_field_uses_block_floor_tN_and_N_forward_steps():
+    depth = 16
+    blocks = peers.make_blocks(TINY_MLP, depth, seed=0, dtype=torch.float64)
+    model = peers.TorchdiffeqAdjoint(blocks)
+    x = peers.make_input(TINY_MLP, dtype=torch.float64)
+    with torch.no_grad():
+        model(x)
+    assert model.field.evaluations == depth
+    # on torchdiffeq's Euler grid (arange * step), time t_k selects block k
+    grid = torch.arange(0, depth, dtype=torch.float64) * (1.0 / depth)
+    for k, t in enumerate(grid):
+        torch.testing.assert_close(model.field(t, x), blocks[k](x), rtol=0, atol=0)
+    torch.testing.assert_close(model.field(torch.tensor(1.0), x), blocks[-1](x), rtol=0, atol=0)
+
+
+def test_gradients_agree_with_plain_autograd():
+    """Exact methods match to rounding; the adjoints within their expected error, which shrinks
+    with depth (Euler ~1/N, Heun faster on smooth weights); torchdiffeq is worse than ours."""
+    errors = {}
+    for depth in (8, 32):
+        r = peers.gradient_worker(
+            depth, True, [m.key for m in peers.METHODS if m.key != "plain"], "cpu", cfg=TINY_MLP
+        )
+        errors[depth] = r
+        for k, v in r.items():
+            if k.startswith("fused") and not FUSED:
+                assert v["status"] != "ok"
+                continue
+            assert v["status"] == "ok", (k, v)
+            e = v["rel_error"]
+            assert math.isfinite(e)
+            if k == "checkpoint" or k.endswith("-autograd"):
+                assert e < 1e-12, (k, depth, e)
+            elif "euler" in k:
+                assert e < 0.5 / depth, (k, depth, e)
+            elif "heun" in k:
+                assert e < 2.0 / depth**2, (k, depth, e)
+    for k in ("generic-euler-adjoint", "generic-heun-adjoint", "torchdiffeq"):
+        assert errors[32][k]["rel_error"] < errors[8][k]["rel_error"], k
+    assert errors[32]["torchdiffeq"]["rel_error"] > errors[32]["generic-euler-adjoint"]["rel_error"]
+
+
+def test_activation_accounting_sees_what_each_method_keeps():
+    depth = 6
+    blocks = peers.make_blocks(TINY_MLP, depth, seed=0)
+    x = peers.make_input(TINY_MLP)
+    state = x.numel() * x.element_size()
+    act = {
+        m.key: peers.activation_bytes(peers.build_method(m, blocks, TINY_MLP), x)
+        for m in peers.METHODS
+        if m.family != "fused" or FUSED
+    }
+    # adjoint modes keep the output only (+ torchdiffeq's solution at t=0 and t=1)
+    assert act["generic-euler-adjoint"] == state
+    assert act["generic-heun-adjoint"] == state
+    assert act["torchdiffeq"] <= 2 * state + 64
+    # checkpoint keeps each block's input (seen through the outer hook), plain keeps more
+    assert depth * state <= act["checkpoint"] < act["plain"]
+    assert act["plain"] >= 1.5 * depth * state  # per block: its input and tanh output
+    if FUSED:
+        assert act["fused-euler-adjoint"] == state
+        assert act["fused-euler-autograd"] >= depth * state
+
+
+def test_peak_memory_in_a_fresh_process_tracks_activations():
+    if not _common.cpu_peak_reset_supported():
+        pytest.skip("no /proc/self/clear_refs peak reset on this system")
+    cfg = {"kind": "mlp", "batch": 256, "dim": 256, "hidden": 32}
+    pool = _common.fresh_process_pool(("torch",))
+    plain = _common.run_in_child(pool, peers.memory_worker, cfg, 32, "plain", "cpu")
+    adj = _common.run_in_child(pool, peers.memory_worker, cfg, 32, "generic-euler-adjoint", "cpu")
+    blocks = peers.make_blocks(cfg, 32)
+    x = peers.make_input(cfg)
+    act = peers.activation_bytes(peers.PlainLoop(blocks), x)
+    # the step's peak holds the activations (plus gradients); the adjoint's does not
+    assert plain["peak_step_bytes"] >= 0.8 * act
+    assert adj["peak_step_bytes"] < 0.5 * plain["peak_step_bytes"]
+    assert plain["grad_bytes"] == plain["param_bytes"] > 0
+
+
+def test_tiny_end_to_end_run_writes_tables_and_plots(tmp_path, monkeypatch):
+    monkeypatch.setattr(peers, "WORKLOADS", {"mlp": TINY_MLP, "conv": TINY_CONV})
+    monkeypatch.setattr(peers, "GRAD_CONFIG", TINY_MLP)
+    methods = ["checkpoint", "torchdiffeq", "generic-heun-adjoint", "fused-euler-adjoint"]
+    result = peers.main(
+        [
+            "--quick",
+            "--depths",
+            "2",
+            "4",
+            "--peak-depths",
+            "4",
+            "--grad-depths",
+            "2",
+            "4",
+            "--methods",
+            *methods,
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    for name in (
+        "peers.json",
+        "peers.md",
+        "peers_memory.png",
+        "peers_memory.pdf",
+        "peers_time.png",
+        "peers_time.pdf",
+        "peers_gradient_error.png",
+    ):
+        assert (tmp_path / name).stat().st_size > 0, name
+    data = json.loads((tmp_path / "peers.json").read_text())
+    assert data["points"].keys() == {"mlp", "conv"}
+    for w, pts in data["points"].items():
+        for d, point in pts.items():
+            for k, v in point.items():
+                if k.startswith("fused") and not FUSED:
+                    assert v["status"].startswith("not built")
+                    continue
+                assert v["status"] == "ok", (w, d, k, v)
+                fields = ["time_s", "time_ratio", "activation_bytes"]
+                fields += ["peak_step_bytes", "grad_bytes"] if d == "4" else []
+                for field in fields:
+                    assert math.isfinite(v[field]) and v[field] >= 0, (w, d, k, field)
+            assert point["plain"]["time_ratio"] == 1.0
+            assert point.keys() == {"plain", *methods}
+    md = (tmp_path / "peers.md").read_text()
+    assert "## Targets" in md and "torchdiffeq" in md
+    slopes = result["gradient_error"]["smooth"]["slopes"]
+    assert math.isfinite(slopes["torchdiffeq"]) and math.isfinite(slopes["generic-heun-adjoint"])
