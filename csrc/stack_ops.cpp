@@ -540,6 +540,9 @@ std::tuple<Tensor, std::vector<Tensor>> mlp_forward(const Tensor& x_, const Tens
                                                     int64_t scheme, double h, int64_t depth,
                                                     bool save) {
   c10::OptionalDeviceGuard guard(x_.device());
+  // The ops differentiate themselves (resode/fused.py): their ATen calls must not record
+  // autograd history, even when called directly with tensors that require grad.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_common(x_, scheme, h, depth);
   const Tensor x = x_.contiguous();
   MLPBlock blk = make_mlp(x, w1, b1, w2, b2, act, depth);
@@ -551,6 +554,9 @@ std::vector<Tensor> mlp_backward(const Tensor& grad_, const Tensor& out, at::Ten
                                  const Tensor& w2, const std::optional<Tensor>& b2, int64_t act,
                                  int64_t scheme, double h, int64_t depth, int64_t mode) {
   c10::OptionalDeviceGuard guard(grad_.device());
+  // The ops differentiate themselves (resode/fused.py): their ATen calls must not record
+  // autograd history, even when called directly with tensors that require grad.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_common(grad_, scheme, h, depth);
   const Tensor grad = grad_.contiguous();
   MLPBlock blk = make_mlp(grad, w1, b1, w2, b2, act, depth);
@@ -636,6 +642,9 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor> conv_forward(
     const Tensor& x_, at::TensorList params, at::TensorList running, int64_t scheme, double h,
     int64_t depth, bool training, bool update_stats, double momentum, double eps, bool save) {
   c10::OptionalDeviceGuard guard(x_.device());
+  // The ops differentiate themselves (resode/fused.py): their ATen calls must not record
+  // autograd history, even when called directly with tensors that require grad.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_common(x_, scheme, h, depth);
   const Tensor x = x_.contiguous();
   ConvBlock blk = make_conv(x, params, running, training, momentum, eps, depth);
@@ -650,6 +659,9 @@ std::vector<Tensor> conv_backward(const Tensor& grad_, const Tensor& out, at::Te
                                   double h, int64_t depth, bool training, double eps,
                                   int64_t mode) {
   c10::OptionalDeviceGuard guard(grad_.device());
+  // The ops differentiate themselves (resode/fused.py): their ATen calls must not record
+  // autograd history, even when called directly with tensors that require grad.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_common(grad_, scheme, h, depth);
   const Tensor grad = grad_.contiguous();
   ConvBlock blk = make_conv(grad, params, running, training, 0.0, eps, depth);

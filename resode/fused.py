@@ -95,7 +95,20 @@ class _FusedStage(Stage):
     #: bytes held by the C++ side between forward and backward beyond ``save_for_backward``
     extra_saved_bytes: int = 0
 
+    def _check_params(self) -> None:
+        """Parameter shapes are checked here, before any C++ op sees them."""
+        for name, p in self.named_parameters():
+            want = self._shapes.get(name)
+            if want is not None and tuple(p.shape) != want:
+                generic = name.replace("_", ".", 1) if "_" in name else name
+                raise ValueError(
+                    f"{type(self).__name__}: parameter {name} ({generic} of every block) has "
+                    f"shape {tuple(p.shape)}, expected {want}; rebuild the stage or load a "
+                    "state_dict of matching shapes"
+                )
+
     def _check_input(self, x: Tensor, ndim: int | None, what: str) -> Tensor:
+        self._check_params()
         if not isinstance(x, Tensor):
             raise TypeError(f"{type(self).__name__} expects a tensor input, got {type(x).__name__}")
         ref = next(self.parameters())
@@ -226,6 +239,7 @@ class MLPStack(_FusedStage):
             self.register_parameter("b1", None)
             self.register_parameter("b2", None)
         self.reset_parameters()
+        self._shapes = {n: tuple(q.shape) for n, q in self.named_parameters()}
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -442,6 +456,7 @@ class ConvStack(_FusedStage):
             self.register_buffer(f"bn{i}_running_var", torch.ones(p, c))
             self.register_buffer(f"bn{i}_num_batches_tracked", torch.zeros(p, dtype=torch.long))
         self.reset_parameters()
+        self._shapes = {n: tuple(q.shape) for n, q in self.named_parameters()}
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -389,3 +389,13 @@ def test_disabled_extension_reports_why():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
     )
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+def test_direct_op_call_with_parameters_that_require_grad():
+    """The ops run below autograd: calling them directly with trainable parameters works."""
+    ops = _ext.ops()
+    f = fused.MLPStack(4, 5, 3).double()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    out, _ = ops.mlp_forward(x, f.w1, f.b1, f.w2, f.b2, 0, 0, 1 / 3, 3, False)
+    with torch.no_grad():
+        torch.testing.assert_close(out, f(x), rtol=1e-12, atol=1e-12)
