@@ -35,6 +35,7 @@ from .common import (
     seed_everything,
     write_csv,
 )
+from .training import train_run as train_point
 
 ID = "gradient-error"
 TITLE = "Fig. 4: adjoint gradient error vs depth, Euler vs Heun"
@@ -68,12 +69,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         ),
     ),
 }
-
-
-def train_point(**job: Any) -> dict[str, Any]:
-    from .training import train_run
-
-    return train_run(**job)
 
 
 def measure_point(

@@ -28,6 +28,7 @@ from .common import (
     save_figure,
     write_csv,
 )
+from .training import train_run as train_point
 
 ID = "heun-depth"
 TITLE = "Fig. 3c: test error vs depth, Euler/Heun x autograd/adjoint"
@@ -70,12 +71,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         match_tol=0.01,
     ),
 }
-
-
-def train_point(**job: Any) -> dict[str, Any]:
-    from .training import train_run
-
-    return train_run(**job)
 
 
 def grad_error_point(

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from .common import Claim, check_preset, finish, pyplot, run_sweep, save_figure, write_csv
+from .training import train_run as train_point
 
 ID = "tied-depth"
 TITLE = "Fig. 3a: tied-weight ResNets, test accuracy vs depth"
@@ -52,12 +53,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         ),
     ),
 }
-
-
-def train_point(**job: Any) -> dict[str, Any]:
-    from .training import train_run
-
-    return train_run(**job)
 
 
 def run(

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import Claim, check_preset, finish, pyplot, run_sweep, save_figure, write_csv
+from .training import train_run as train_point
 
 ID = "untie-finetune"
 TITLE = "Table 2: untie a pretrained tied ResNet and fine-tune it with the adjoint"
@@ -68,12 +69,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         stage="layer3",
     ),
 }
-
-
-def train_point(**job: Any) -> dict[str, Any]:
-    from .training import train_run
-
-    return train_run(**job)
 
 
 def activation_memory(
