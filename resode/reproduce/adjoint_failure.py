@@ -49,7 +49,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(
         model="resnet",
         model_kwargs=dict(layers=[3, 3, 3, 3], block="basic", width=8, small_input=False),
-        train=dict(epochs=1, batch_size=128, lr=0.1, max_steps_per_epoch=60, max_eval_batches=2),
+        train=dict(epochs=1, batch_size=128, lr=0.1, max_steps_per_epoch=400, max_eval_batches=5),
         grad_batch=128,
         residual_init="standard",
     ),

@@ -52,7 +52,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         train_depth=32,
         depths=[4, 8, 16, 32, 64],
         batch=64,
-        train=dict(epochs=1, batch_size=128, lr=0.1, max_steps_per_epoch=150, max_eval_batches=2),
+        train=dict(epochs=1, batch_size=128, lr=0.1, max_steps_per_epoch=400, max_eval_batches=2),
     ),
     "paper": dict(
         train_depth=32,

@@ -42,15 +42,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         match_tol=0.02,
     ),
     "quick": dict(
-        depths=[2, 4, 8],
+        depths=[2, 4, 8, 16],
         seeds=[0, 1],
         train=dict(
             epochs=1,
             batch_size=128,
             lr=0.1,
             schedule="cosine",
-            max_steps_per_epoch=30,
-            max_eval_batches=2,
+            max_steps_per_epoch=250,
+            max_eval_batches=5,
             test_batch_size=1000,
         ),
         match_tol=0.02,

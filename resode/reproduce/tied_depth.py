@@ -37,7 +37,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         depths=[1, 2, 4, 8],
         seeds=[0],
         model=dict(block="basic", width=8, small_input=False),
-        train=dict(epochs=1, batch_size=128, lr=0.1, max_steps_per_epoch=40, max_eval_batches=2),
+        train=dict(epochs=1, batch_size=128, lr=0.1, max_steps_per_epoch=300, max_eval_batches=5),
     ),
     "paper": dict(
         depths=[1, 2, 4, 8, 16, 32],

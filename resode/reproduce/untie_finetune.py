@@ -38,7 +38,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     "quick": dict(
         model_kwargs=dict(layers=[2, 2, 9, 2], block="basic", width=8, small_input=False),
-        pretrain=dict(epochs=1, batch_size=128, lr=0.1, max_steps_per_epoch=60, max_eval_batches=2),
+        pretrain=dict(
+            epochs=1, batch_size=128, lr=0.1, max_steps_per_epoch=400, max_eval_batches=5
+        ),
         finetune=dict(
             epochs=1,
             batch_size=128,
@@ -46,8 +48,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             momentum=0.9,
             weight_decay=5e-4,
             schedule="constant",
-            max_steps_per_epoch=30,
-            max_eval_batches=2,
+            max_steps_per_epoch=200,
+            max_eval_batches=5,
         ),
         stage="layer3",
     ),
