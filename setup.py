@@ -76,8 +76,9 @@ def extensions():
             "to a CUDA toolkit (with nvcc) or RESODE_FORCE_CUDA=1, and unset RESODE_NO_CUDA"
         )
     sources = [os.path.join("csrc", "stack_ops.cpp"), os.path.join("csrc", "kernels_cpu.cpp")]
-    cxx = ["-O3", "-fopenmp"]
-    ldflags = ["-fopenmp"]
+    # `omp simd` pragmas only: -fopenmp-simd needs no OpenMP runtime (torch brings its own).
+    cxx = ["-O3", "-fopenmp-simd"]
+    ldflags = []
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
         cuda_home = _resolve_cuda_home()

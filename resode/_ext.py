@@ -120,9 +120,9 @@ def _jit_build() -> None:
     cpp_extension.load(
         name="resode_C_" + ("cuda" if with_cuda else "cpu"),
         sources=sources,
-        extra_cflags=["-O3", "-fopenmp"] + (["-DWITH_CUDA"] if with_cuda else []),
+        extra_cflags=["-O3", "-fopenmp-simd"] + (["-DWITH_CUDA"] if with_cuda else []),
         extra_cuda_cflags=["-O3", "-DWITH_CUDA"],
-        extra_ldflags=["-fopenmp"],
+        extra_ldflags=[],
         extra_include_paths=[str(_CSRC)] + (_cuda_wheel_include_dirs() if with_cuda else []),
         build_directory=str(build_dir),
         with_cuda=with_cuda,
