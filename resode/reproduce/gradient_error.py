@@ -82,16 +82,14 @@ def measure_point(
     seed: int,
     checkpoint_stamp: float | None = None,
 ) -> dict[str, Any]:
-    import json
 
     from resode.diagnostics import gradient_error
     from resode.models import resample_depth
     from resode.train import model_from_checkpoint
 
-    from .training import load_data
+    from .training import one_batch
 
-    data = load_data(dataset, data_root, "cpu", json.dumps(data_kwargs, sort_keys=True))
-    x, y = next(iter(data.loader("train", batch, seed=seed)))
+    x, y = one_batch(dataset, data_root, data_kwargs, batch, seed)
     model = resample_depth(model_from_checkpoint(checkpoint), depth).double().train()
     seed_everything(seed)
     out: dict[str, Any] = {"scheme": scheme, "depth": depth}

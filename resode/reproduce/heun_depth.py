@@ -83,16 +83,14 @@ def grad_error_point(
     checkpoint_stamp: float | None = None,
 ) -> dict[str, Any]:
     """Adjoint vs autograd gradient error (global relative norm) of a trained model."""
-    import json
 
     from resode.diagnostics import gradient_error
     from resode.train import model_from_checkpoint
 
     from .common import seed_everything
-    from .training import load_data
+    from .training import one_batch
 
-    data = load_data(dataset, data_root, "cpu", json.dumps(data_kwargs, sort_keys=True))
-    x, y = next(iter(data.loader("train", batch, seed=seed)))
+    x, y = one_batch(dataset, data_root, data_kwargs, batch, seed)
     seed_everything(seed)
     net = model_from_checkpoint(checkpoint).double().train()
     return {"global_rel": gradient_error(net, x.double(), y)["global_rel"]}

@@ -15,7 +15,6 @@ stated in the summary).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -48,10 +47,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def _images(dataset: str, data_kwargs: dict, data_root: str | None, batch: int, seed: int):
     """A batch of normalised test images (float, NCHW)."""
-    from .training import load_data
+    from .training import one_batch
 
-    data = load_data(dataset, data_root, "cpu", json.dumps(data_kwargs, sort_keys=True))
-    x, _ = next(iter(data.loader("test", batch, seed=seed)))
+    x, _ = one_batch(dataset, data_root, data_kwargs, batch, seed, split="test")
     return x.float()
 
 

@@ -28,6 +28,21 @@ def load_data(dataset: str, data_root: str | None, device: str, data_kwargs: str
     return get_dataset(dataset, root=data_root, device=device, **json.loads(data_kwargs))
 
 
+def one_batch(
+    dataset: str,
+    data_root: str | None,
+    data_kwargs: dict,
+    batch: int,
+    seed: int,
+    split: str = "train",
+):
+    """One ``(x, y)`` batch of ``split`` on the CPU, drawn in the order given by ``seed``."""
+    import json
+
+    data = load_data(dataset, data_root, "cpu", json.dumps(data_kwargs, sort_keys=True))
+    return next(iter(data.loader(split, batch, seed=seed)))
+
+
 def dataset_for(preset: str, data_root: str | None, paper: str = "cifar10") -> tuple[str, dict]:
     """Dataset of a preset: synthetic for smoke, Fashion-MNIST for quick, ``paper`` for paper."""
     if preset == "smoke":

@@ -17,7 +17,6 @@ runs with a larger fine-tuning learning rate (1e-2: at 1e-3 a few dozen steps ch
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -82,10 +81,9 @@ def activation_memory(
     from resode.models import untie
     from resode.train import model_from_checkpoint
 
-    from .training import load_data
+    from .training import one_batch
 
-    data = load_data(dataset, data_root, "cpu", json.dumps(data_kwargs, sort_keys=True))
-    x, _ = next(iter(data.loader("train", batch, seed=0)))
+    x, _ = one_batch(dataset, data_root, data_kwargs, batch, 0)
     net = untie(model_from_checkpoint(checkpoint)).train()
     for n, p in net.named_parameters():
         p.requires_grad_(n.startswith(stage + "."))
