@@ -44,10 +44,17 @@ GPU_EXTRA = {"tiny_conv_b256_d64": dict(kind="conv", batch=256, channels=16, siz
 
 def make_stage(cfg: dict, scheme: str, backward: str, device, dtype):
     if cfg["kind"] == "mlp":
-        f = fused.MLPStack(cfg["dim"], cfg["hidden"], cfg["depth"], "tanh", scheme, backward)
+        f = fused.MLPStack(
+            cfg["dim"],
+            cfg["hidden"],
+            cfg["depth"],
+            activation="tanh",
+            scheme=scheme,
+            backward=backward,
+        )
         shape = (cfg["batch"], cfg["dim"])
     else:
-        f = fused.ConvStack(cfg["channels"], cfg["depth"], scheme, backward)
+        f = fused.ConvStack(cfg["channels"], cfg["depth"], scheme=scheme, backward=backward)
         with torch.no_grad():  # a non-trivial residual branch
             f.bn2_weight.fill_(1.0)
         shape = (cfg["batch"], cfg["channels"], cfg["size"], cfg["size"])

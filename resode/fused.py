@@ -187,10 +187,10 @@ class _MLPFunction(torch.autograd.Function):
 class MLPStack(_FusedStage):
     """Fused residual stage of MLP blocks ``f_n(x) = W2_n act(W1_n x + b1_n) + b2_n``.
 
-    Equivalent to ``ResidualStack([nn.Sequential(nn.Linear(dim, hidden), act,
-    nn.Linear(hidden, dim)) for _ in range(depth)], scheme, backward, step)`` (or
-    ``ResidualStack.tied(...)`` with ``tied=True``), with the same initialisation law as
-    ``nn.Linear``.
+    Equivalent to ``ResidualStack([mlp_block(dim, hidden, activation) for _ in range(depth)],
+    scheme=..., backward=..., step=...)`` (:func:`resode.models.blocks.mlp_block`; or
+    ``ResidualStack(block, depth, tied=True)`` with ``tied=True``), with the same initialisation
+    law as ``nn.Linear``.
 
     Args:
         dim: feature size of the stage input ``(..., dim)``.
@@ -212,14 +212,15 @@ class MLPStack(_FusedStage):
         dim: int,
         hidden: int,
         depth: int,
+        *,
         activation: str = "tanh",
         scheme: str = "euler",
         backward: str = "autograd",
-        tied: bool = False,
         step: float | None = None,
+        tied: bool = False,
         bias: bool = True,
     ) -> None:
-        super().__init__(depth, scheme, backward, step)
+        super().__init__(depth, scheme=scheme, backward=backward, step=step, tied=tied)
         if activation not in _ACTIVATIONS:
             raise ValueError(
                 f"unknown activation {activation!r}; choose one of {list(_ACTIVATIONS)}"
@@ -228,7 +229,6 @@ class MLPStack(_FusedStage):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         self.dim, self.hidden, self.activation = dim, hidden, activation
-        self.tied = bool(tied)
         p = 1 if self.tied else depth
         self.w1 = nn.Parameter(torch.empty(p, hidden, dim))
         self.w2 = nn.Parameter(torch.empty(p, dim, hidden))
@@ -295,10 +295,8 @@ class MLPStack(_FusedStage):
     def to_generic(self) -> ResidualStack:
         """An equivalent :class:`resode.ResidualStack` of ``nn.Sequential`` blocks (copies)."""
         kw = dict(scheme=self.scheme.name, backward=self.backward, step=self._step)
-        if self.tied:
-            stack = ResidualStack.tied(self._block(0), depth=self.depth, **kw)
-        else:
-            stack = ResidualStack([self._block(i) for i in range(self.depth)], **kw)
+        blocks = [self._block(i) for i in range(1 if self.tied else self.depth)]
+        stack = ResidualStack(blocks, self.depth, tied=self.tied, **kw)
         return stack.train(self.training)
 
     @classmethod
@@ -317,12 +315,12 @@ class MLPStack(_FusedStage):
             dim,
             hidden,
             stack.depth,
-            act,
-            stack.scheme.name,
-            stack.backward,
-            stack.tied,
-            stack._step,
-            bias,
+            activation=act,
+            scheme=stack.scheme.name,
+            backward=stack.backward,
+            step=stack._step,
+            tied=stack.tied,
+            bias=bias,
         ).to(device=first.device, dtype=first.dtype)
         with torch.no_grad():
             for i, blk in enumerate(stack.blocks):
@@ -433,18 +431,19 @@ class ConvStack(_FusedStage):
         self,
         channels: int,
         depth: int,
+        *,
         scheme: str = "euler",
         backward: str = "autograd",
-        tied: bool = False,
         step: float | None = None,
+        tied: bool = False,
         eps: float = 1e-5,
         momentum: float = 0.1,
         zero_init_last_bn: bool = True,
     ) -> None:
-        super().__init__(depth, scheme, backward, step)
+        super().__init__(depth, scheme=scheme, backward=backward, step=step, tied=tied)
         if not isinstance(channels, int) or channels < 1:
             raise ValueError(f"channels must be a positive integer, got {channels!r}")
-        self.channels, self.tied = channels, bool(tied)
+        self.channels = channels
         self.eps, self.momentum = float(eps), float(momentum)
         self.zero_init_last_bn = zero_init_last_bn
         p, c = (1 if self.tied else depth), channels
@@ -549,10 +548,8 @@ class ConvStack(_FusedStage):
         """An equivalent :class:`resode.ResidualStack` of ``nn.Sequential`` blocks (copied values,
         running statistics included)."""
         kw = dict(scheme=self.scheme.name, backward=self.backward, step=self._step)
-        if self.tied:
-            stack = ResidualStack.tied(self._block(0), depth=self.depth, **kw)
-        else:
-            stack = ResidualStack([self._block(i) for i in range(self.depth)], **kw)
+        blocks = [self._block(i) for i in range(1 if self.tied else self.depth)]
+        stack = ResidualStack(blocks, self.depth, tied=self.tied, **kw)
         return stack.train(self.training)
 
     @classmethod
@@ -570,12 +567,12 @@ class ConvStack(_FusedStage):
         out = cls(
             c,
             stack.depth,
-            stack.scheme.name,
-            stack.backward,
-            stack.tied,
-            stack._step,
-            eps,
-            momentum,
+            scheme=stack.scheme.name,
+            backward=stack.backward,
+            step=stack._step,
+            tied=stack.tied,
+            eps=eps,
+            momentum=momentum,
         ).to(device=ref.device, dtype=ref.dtype)
         with torch.no_grad():
             for i, blk in enumerate(stack.blocks):

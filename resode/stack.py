@@ -10,7 +10,7 @@ Neural Networks discretize Neural Ordinary Differential Equations?", NeurIPS 202
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 
 import torch
@@ -43,14 +43,17 @@ class Stage(nn.Module):
             ``"adjoint"`` (memory ``O(1)`` in depth; gradients approximate, error ``O(1/N)`` for
             Euler and ``O(1/N^2)`` for Heun when the weights are smooth in depth).
         step: the step ``h``; ``None`` means ``1/N``.
+        tied: one residual function (one set of parameters) used for all ``N`` steps.
     """
 
     def __init__(
         self,
         depth: int,
+        *,
         scheme: str | Scheme = "euler",
         backward: str = "autograd",
         step: float | None = None,
+        tied: bool = False,
     ) -> None:
         super().__init__()
         self.scheme = get_scheme(scheme)
@@ -65,6 +68,7 @@ class Stage(nn.Module):
             raise ValueError(f"step must be a positive number or None (1/depth), got {step!r}")
         self._depth = depth
         self._step = None if step is None else float(step)
+        self.tied = bool(tied)
         self.backward = backward
 
     @property
@@ -90,10 +94,14 @@ class Stage(nn.Module):
     def backward(self, mode: str) -> None:
         self._backward = _check_backward(mode)
 
+    def block(self, n: int) -> nn.Module:
+        """The residual function ``f_n`` as an ``nn.Module`` (a copy for the fused stages)."""
+        raise NotImplementedError
+
     def extra_repr(self) -> str:
         return (
             f"depth={self.depth}, scheme={self.scheme.name!r}, backward={self.backward!r}, "
-            f"step={self.step:.6g}"
+            f"step={self.step:.6g}, tied={self.tied}"
         )
 
 
@@ -170,8 +178,11 @@ class ResidualStack(Stage):
     return a tensor shaped like ``x``.
 
     Args:
-        blocks: the ``N`` residual functions (untied). Use :meth:`tied` for one module applied
-            ``N`` times.
+        blocks: the ``N`` residual functions, a sequence of modules (untied); with
+            ``tied=True``, one module (or a sequence of one) applied ``depth`` times.
+            :meth:`from_factory` builds either from a block constructor.
+        depth: number of residual functions ``N``; defaults to ``len(blocks)`` (untied) and is
+            required when ``tied``.
         scheme: ``"euler"`` (order 1) or ``"heun"`` (order 2; ``N`` functions, ``N - 1`` steps).
         backward: ``"autograd"`` stores every activation and gives exact gradients.
             ``"adjoint"`` stores only the stage output and, in the backward, rebuilds each
@@ -181,6 +192,8 @@ class ResidualStack(Stage):
             ``O(1/N^2)`` for Heun when the weights are smooth in depth (Sander et al. 2022,
             Prop. 3-5). It is only small when the network behaves like an ODE.
         step: step ``h``; ``None`` means ``1/N``.
+        tied: one module shared by all ``N`` residual functions (its parameter gradients are
+            accumulated over the steps).
         preserve_rng: replay random numbers (dropout masks) in the adjoint's recomputations.
             ``None`` turns it on when a dropout module with ``p > 0`` is inside the blocks. When
             on, each block evaluation draws from its own RNG stream seeded from a per-forward
@@ -193,18 +206,21 @@ class ResidualStack(Stage):
 
     def __init__(
         self,
-        blocks: Sequence[nn.Module],
+        blocks: Sequence[nn.Module] | nn.Module,
+        depth: int | None = None,
+        *,
         scheme: str | Scheme = "euler",
         backward: str = "autograd",
         step: float | None = None,
+        tied: bool = False,
         preserve_rng: bool | None = None,
-        *,
-        _tied_depth: int | None = None,
     ) -> None:
+        if tied and isinstance(blocks, nn.Module) and not isinstance(blocks, nn.ModuleList):
+            blocks = [blocks]
         if isinstance(blocks, nn.Module) and not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
             raise TypeError(
                 "blocks must be a sequence of modules; for one module applied N times use "
-                "ResidualStack.tied(block, depth=N)"
+                "ResidualStack(block, depth=N, tied=True)"
             )
         blocks = list(blocks)
         if not blocks:
@@ -212,10 +228,19 @@ class ResidualStack(Stage):
         for i, b in enumerate(blocks):
             if not isinstance(b, nn.Module):
                 raise TypeError(f"block {i} is a {type(b).__name__}, not an nn.Module")
-        depth = _tied_depth if _tied_depth is not None else len(blocks)
-        super().__init__(depth, scheme, backward, step)
+        if tied:
+            if len(blocks) != 1:
+                raise ValueError(f"a tied stage takes one block, got {len(blocks)}")
+            if depth is None:
+                raise ValueError(
+                    "a tied stage needs its depth: ResidualStack(block, depth=N, tied=True)"
+                )
+        elif depth is None:
+            depth = len(blocks)
+        elif depth != len(blocks):
+            raise ValueError(f"depth={depth} but {len(blocks)} blocks were given (untied)")
+        super().__init__(depth, scheme=scheme, backward=backward, step=step, tied=tied)
         self.blocks = nn.ModuleList(blocks)
-        self.tied = _tied_depth is not None
         if preserve_rng is None:
             preserve_rng = any(
                 isinstance(m, _DropoutNd) and m.p > 0 for b in blocks for m in b.modules()
@@ -223,25 +248,26 @@ class ResidualStack(Stage):
         self.preserve_rng = bool(preserve_rng)
 
     @classmethod
-    def tied(cls, block: nn.Module, depth: int, **kwargs) -> ResidualStack:
-        """One module ``block`` used for all ``depth`` residual functions (shared weights).
+    def from_factory(
+        cls, make_block: Callable[[], nn.Module], depth: int, *, tied: bool = False, **kwargs
+    ) -> ResidualStack:
+        """A stage of ``depth`` residual functions built by ``make_block()``.
 
-        Its parameter gradients are accumulated over all steps.
+        ``tied=False`` calls ``make_block`` ``depth`` times (one module per function);
+        ``tied=True`` calls it once and shares that module over all ``depth`` steps. Other
+        keywords are those of :class:`ResidualStack`.
         """
-        if not isinstance(block, nn.Module):
-            raise TypeError(f"block must be an nn.Module, got {type(block).__name__}")
-        if not isinstance(depth, int) or depth < 1:
+        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
             raise ValueError(f"depth must be a positive integer, got {depth!r}")
-        return cls([block], _tied_depth=depth, **kwargs)
+        if tied:
+            return cls(make_block(), depth, tied=True, **kwargs)
+        return cls([make_block() for _ in range(depth)], **kwargs)
 
     def block(self, n: int) -> nn.Module:
         """The module of residual function ``f_n``."""
         if not 0 <= n < self.depth:
             raise IndexError(f"residual function index {n} out of range for depth {self.depth}")
         return self.blocks[0] if self.tied else self.blocks[n]
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", tied={self.tied}"
 
     # ------------------------------------------------------------------ evaluation
     def _eval(

@@ -98,7 +98,7 @@ def test_depth_smoothness_scales_like_one_over_depth_for_smooth_weights():
     assert smooth[1]["mean"] < smooth[0]["mean"] / 3
     assert smooth[1]["mean_scaled"] == pytest.approx(smooth[0]["mean_scaled"], rel=0.1)
     assert iid[1]["mean"] == pytest.approx(iid[0]["mean"], rel=0.3)
-    tied = resode.ResidualStack.tied(mlp_block(6, 12), depth=8)
+    tied = resode.ResidualStack(mlp_block(6, 12), tied=True, depth=8)
     assert diagnostics.depth_smoothness(tied)["max"] == 0.0
 
 

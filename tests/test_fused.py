@@ -119,14 +119,18 @@ def _run_parity(f, x_shape, pairs_fn, buffers=False, steps=2):
 @pytest.mark.parametrize("backward", MODES)
 @pytest.mark.parametrize("tied", TIED)
 def test_mlp_parity_float64(scheme, backward, tied):
-    f = fused.MLPStack(4, 7, 6, "tanh", scheme, backward, tied=tied).double()
+    f = fused.MLPStack(
+        4, 7, 6, activation="tanh", scheme=scheme, backward=backward, tied=tied
+    ).double()
     _run_parity(f, (5, 4), _mlp_pairs)
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 @pytest.mark.parametrize("backward", MODES)
 def test_mlp_parity_activations_nobias(activation, backward):
-    f = fused.MLPStack(3, 5, 5, activation, "heun", backward, bias=False, step=0.3).double()
+    f = fused.MLPStack(
+        3, 5, 5, activation=activation, scheme="heun", backward=backward, bias=False, step=0.3
+    ).double()
     _run_parity(f, (2, 6, 3), _mlp_pairs)  # leading dims are flattened
 
 
@@ -143,7 +147,7 @@ def _randomise_bn(f: fused.ConvStack):
 @pytest.mark.parametrize("backward", MODES)
 @pytest.mark.parametrize("tied", TIED)
 def test_conv_parity_float64(scheme, backward, tied):
-    f = fused.ConvStack(3, 4, scheme, backward, tied=tied).double()
+    f = fused.ConvStack(3, 4, scheme=scheme, backward=backward, tied=tied).double()
     _randomise_bn(f)  # the default zero-initialised last BN would hide most of the gradient
     f, _ = _run_parity(f, (4, 3, 5, 5), _conv_pairs, buffers=True)
     # two forward passes: one running-stat update per block evaluation each
@@ -158,14 +162,14 @@ def test_conv_parity_float64(scheme, backward, tied):
 
 @pytest.mark.parametrize("backward", MODES)
 def test_conv_parity_eval_mode(backward):
-    f = fused.ConvStack(3, 3, "heun", backward).double()
+    f = fused.ConvStack(3, 3, scheme="heun", backward=backward).double()
     _randomise_bn(f)
     f.eval()
     _run_parity(f, (2, 3, 4, 4), _conv_pairs, buffers=True, steps=1)
 
 
 def test_conv_no_grad_updates_running_stats_once():
-    f = fused.ConvStack(2, 3, "euler").double()
+    f = fused.ConvStack(2, 3, scheme="euler").double()
     g = f.to_generic()
     x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
     with torch.no_grad():
@@ -179,9 +183,11 @@ def test_conv_no_grad_updates_running_stats_once():
 
 
 def test_adjoint_stored_variant_matches_generic():
-    f = fused.MLPStack(3, 6, 5, "tanh", "heun", "adjoint_stored").double()
+    f = fused.MLPStack(
+        3, 6, 5, activation="tanh", scheme="heun", backward="adjoint_stored"
+    ).double()
     _run_parity(f, (4, 3), _mlp_pairs, steps=1)
-    c = fused.ConvStack(2, 3, "euler", "adjoint_stored").double()
+    c = fused.ConvStack(2, 3, scheme="euler", backward="adjoint_stored").double()
     _randomise_bn(c)
     _run_parity(c, (2, 2, 3, 3), _conv_pairs, buffers=True, steps=1)
 
@@ -209,7 +215,7 @@ def test_adjoint_error_rate_euler_iid():
     w = torch.randn(16, 8, dtype=torch.float64)
     for n in depths:
         torch.manual_seed(2)
-        f = fused.MLPStack(8, 16, n, "tanh", "euler").double()
+        f = fused.MLPStack(8, 16, n, activation="tanh", scheme="euler").double()
         errs.append(_grad_error(f, x, w))
     slope = _slope(depths, errs)
     assert slope <= -0.9, f"Euler adjoint error slope {slope:.2f} (errors {errs})"
@@ -217,7 +223,7 @@ def test_adjoint_error_rate_euler_iid():
 
 def _smooth_mlp(n: int, scheme: str) -> fused.MLPStack:
     """Weights that are smooth functions of depth t = i/N (fixed random coefficients)."""
-    f = fused.MLPStack(8, 16, n, "tanh", scheme).double()
+    f = fused.MLPStack(8, 16, n, activation="tanh", scheme=scheme).double()
     gen = torch.Generator().manual_seed(3)
     t = torch.arange(n, dtype=torch.float64) / n
     with torch.no_grad():
@@ -313,7 +319,7 @@ def test_from_generic_rejects_other_blocks():
 # -------------------------------------------------------------------------------- conversions
 @pytest.mark.parametrize("tied", TIED)
 def test_round_trip_mlp(tied):
-    f = fused.MLPStack(3, 5, 4, "gelu", "heun", "adjoint", tied=tied)
+    f = fused.MLPStack(3, 5, 4, activation="gelu", scheme="heun", backward="adjoint", tied=tied)
     g = f.to_generic()
     assert isinstance(g, resode.ResidualStack) and g.tied == tied and g.backward == "adjoint"
     f2 = fused.MLPStack.from_generic(g)
@@ -329,7 +335,7 @@ def test_round_trip_mlp(tied):
 
 @pytest.mark.parametrize("tied", TIED)
 def test_round_trip_conv(tied):
-    f = fused.ConvStack(2, 3, "euler", tied=tied)
+    f = fused.ConvStack(2, 3, scheme="euler", tied=tied)
     _randomise_bn(f)
     f.bn1_num_batches_tracked.fill_(7)
     g = f.to_generic()

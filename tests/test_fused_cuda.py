@@ -103,13 +103,15 @@ def _conv_pairs(f, g):
 @pytest.mark.parametrize("backward", MODES)
 @pytest.mark.parametrize("tied", (False, True))
 def test_mlp_parity_float32_cuda(scheme, backward, tied):
-    f = fused.MLPStack(16, 32, 8, "tanh", scheme, backward, tied=tied).cuda()
+    f = fused.MLPStack(
+        16, 32, 8, activation="tanh", scheme=scheme, backward=backward, tied=tied
+    ).cuda()
     _compare(f, (64, 16), _mlp_pairs)
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 def test_mlp_activations_cuda(activation):
-    f = fused.MLPStack(16, 32, 6, activation, "heun", "adjoint").cuda()
+    f = fused.MLPStack(16, 32, 6, activation=activation, scheme="heun", backward="adjoint").cuda()
     _compare(f, (32, 16), _mlp_pairs)
 
 
@@ -117,7 +119,7 @@ def test_mlp_activations_cuda(activation):
 @pytest.mark.parametrize("backward", MODES)
 @pytest.mark.parametrize("tied", (False, True))
 def test_conv_parity_float32_cuda(scheme, backward, tied):
-    f = fused.ConvStack(8, 4, scheme, backward, tied=tied).cuda()
+    f = fused.ConvStack(8, 4, scheme=scheme, backward=backward, tied=tied).cuda()
     with torch.no_grad():
         f.bn2_weight.uniform_(0.5, 1.5)
         f.bn1_bias.uniform_(-0.5, 0.5)
@@ -125,7 +127,7 @@ def test_conv_parity_float32_cuda(scheme, backward, tied):
 
 
 def test_conv_eval_mode_cuda():
-    f = fused.ConvStack(8, 4, "heun", "adjoint").cuda()
+    f = fused.ConvStack(8, 4, scheme="heun", backward="adjoint").cuda()
     with torch.no_grad():
         f.bn2_weight.uniform_(0.5, 1.5)
         f.bn1_running_var.uniform_(0.5, 2.0)
@@ -136,8 +138,11 @@ def test_conv_eval_mode_cuda():
 @pytest.mark.parametrize("backward", MODES)
 def test_bfloat16_sane(backward):
     for make, shape in (
-        (lambda: fused.MLPStack(32, 64, 8, "tanh", "heun", backward), (64, 32)),
-        (lambda: fused.ConvStack(8, 4, "euler", backward), (16, 8, 8, 8)),
+        (
+            lambda: fused.MLPStack(32, 64, 8, activation="tanh", scheme="heun", backward=backward),
+            (64, 32),
+        ),
+        (lambda: fused.ConvStack(8, 4, scheme="euler", backward=backward), (16, 8, 8, 8)),
     ):
         torch.manual_seed(0)
         f32 = make().cuda()

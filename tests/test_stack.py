@@ -95,7 +95,7 @@ def test_convergence_order_against_matrix_exponential(scheme, order):
         with torch.no_grad():
             lin.weight.copy_(a)
         steps = resode.get_scheme(scheme).num_steps(n)
-        stack = resode.ResidualStack.tied(lin, depth=n, scheme=scheme, step=1.0 / steps)
+        stack = resode.ResidualStack(lin, tied=True, depth=n, scheme=scheme, step=1.0 / steps)
         with torch.no_grad():
             errs.append(rel(stack(x), exact))
     slope = loglog_slope(depths, errs)
@@ -106,7 +106,7 @@ def test_convergence_order_against_matrix_exponential(scheme, order):
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_adjoint_memory_is_constant_in_depth(scheme):
     def saved(mode, depth):
-        stack = resode.ResidualStack.tied(mlp_block(32, 16), depth=depth, scheme=scheme)
+        stack = resode.ResidualStack(mlp_block(32, 16), tied=True, depth=depth, scheme=scheme)
         stack.backward = mode
         x = torch.randn(64, 32, requires_grad=True)
         return saved_tensor_bytes(stack, x, exclude=list(stack.parameters()))
@@ -216,7 +216,7 @@ def test_extra_args_and_tied_weights_get_gradients(scheme):
         block = _Cond().double()
         g = {}
         for mode in BACKWARDS:
-            stack = resode.ResidualStack.tied(block, depth=n, scheme=scheme, backward=mode)
+            stack = resode.ResidualStack(block, tied=True, depth=n, scheme=scheme, backward=mode)
             _, g[mode] = _grads(stack, x, c)
             assert len(g[mode]) == 2 + 4
         errs.append(flat_rel(g["adjoint"], g["autograd"]))
@@ -240,7 +240,7 @@ def test_input_without_grad_frozen_params_and_constant_args(backward):
     assert flat_rel(grads, grads_ref) < 0.05
     # extra arg that does not require grad
     c = torch.randn(4, 12, dtype=torch.float64)
-    cstack = resode.ResidualStack.tied(_Cond().double(), depth=8, backward=backward)
+    cstack = resode.ResidualStack(_Cond().double(), tied=True, depth=8, backward=backward)
     xg = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     (gx,) = torch.autograd.grad(cstack(xg, c).sum(), [xg])
     assert torch.isfinite(gx).all()
@@ -296,7 +296,7 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="at least 2"):
         resode.ResidualStack(mlp_blocks(1), scheme="heun")
     with pytest.raises(ValueError, match="at least 2"):
-        resode.ResidualStack.tied(mlp_block(6, 12), depth=1, scheme="heun")
+        resode.ResidualStack(mlp_block(6, 12), tied=True, depth=1, scheme="heun")
     with pytest.raises(TypeError, match="nn.Module"):
         resode.ResidualStack([mlp_block(6, 12), "relu"])
     with pytest.raises(TypeError, match="tied"):
@@ -306,7 +306,7 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match=r"residual function 1 \(_Shrink\).*\(2, 6\).*\(2, 5\)"):
         resode.ResidualStack(blocks)(torch.randn(2, 6, dtype=torch.float64))
     with pytest.raises(TypeError, match="extra argument 0 is a float"):
-        resode.ResidualStack.tied(_Cond(), depth=2)(torch.randn(2, 6), 1.0)
+        resode.ResidualStack(_Cond(), tied=True, depth=2)(torch.randn(2, 6), 1.0)
     with pytest.raises(ValueError, match="step must be"):
         resode.ResidualStack(mlp_blocks(2), step=-1.0)
 

@@ -41,10 +41,3 @@ class StageModel(nn.Module):
     def config_with(self, depths: list[int] | None = None, tied: bool | None = None):
         """The config of this model with new stage ``depths`` and/or ``tied`` flag."""
         raise NotImplementedError
-
-
-def zero_init_last_bn(block: nn.Module) -> None:
-    """Zero the weight of the last BatchNorm in ``block`` (the residual function starts at 0)."""
-    bns = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if bns:
-        nn.init.zeros_(bns[-1].weight)

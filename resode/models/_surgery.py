@@ -117,7 +117,7 @@ def resample_depth(model: nn.Module, depth: int | Sequence[int]) -> nn.Module:
                 preserve_rng=s.preserve_rng,
             )
             if s.tied:
-                return ResidualStack.tied(copy.deepcopy(s.blocks[0]), depth=n_new, **kw)
+                return ResidualStack(copy.deepcopy(s.blocks[0]), n_new, tied=True, **kw)
             n0 = s.depth
             blocks = [copy.deepcopy(s.block(j * n0 // n_new)) for j in range(n_new)]
             return ResidualStack(blocks, **kw)

@@ -13,15 +13,7 @@ from torch import Tensor, nn
 from ..stack import ResidualStack
 from ._base import StageModel
 from ._registry import register_model
-
-ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
-
-
-def mlp_block(dim: int, hidden: int, activation: str = "tanh") -> nn.Sequential:
-    """Residual function ``Linear(dim, hidden)-act-Linear(hidden, dim)``."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; choose one of {list(ACTIVATIONS)}")
-    return nn.Sequential(nn.Linear(dim, hidden), ACTIVATIONS[activation](), nn.Linear(hidden, dim))
+from .blocks import mlp_block
 
 
 class MLPResNet(StageModel):
@@ -41,14 +33,13 @@ class MLPResNet(StageModel):
     ) -> None:
         super().__init__()
         self.embed = nn.Linear(in_features, dim)
-        if tied:
-            stack = ResidualStack.tied(
-                mlp_block(dim, hidden, activation), depth=depth, scheme=scheme, backward=backward
-            )
-        else:
-            blocks = [mlp_block(dim, hidden, activation) for _ in range(depth)]
-            stack = ResidualStack(blocks, scheme=scheme, backward=backward)
-        self.layer1 = stack
+        self.layer1 = ResidualStack.from_factory(
+            lambda: mlp_block(dim, hidden, activation),
+            depth,
+            tied=tied,
+            scheme=scheme,
+            backward=backward,
+        )
         self.fc = nn.Linear(dim, num_classes)
 
     def forward_features(self, x: Tensor) -> Tensor:

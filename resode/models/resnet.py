@@ -20,8 +20,9 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from ..stack import ResidualStack
-from ._base import StageModel, zero_init_last_bn
+from ._base import StageModel
 from ._registry import ModelConfig, register_model
+from .blocks import zero_init_last_bn
 
 BLOCK_TYPES = ("basic", "bottleneck")
 
@@ -183,13 +184,9 @@ class ODEResNet(StageModel):
                     return f
 
                 try:
-                    if tied:
-                        stack = ResidualStack.tied(
-                            make(), depth=depth, scheme=scheme, backward=backward
-                        )
-                    else:
-                        blocks = [make() for _ in range(depth)]
-                        stack = ResidualStack(blocks, scheme=scheme, backward=backward)
+                    stack = ResidualStack.from_factory(
+                        make, depth, tied=tied, scheme=scheme, backward=backward
+                    )
                 except ValueError as e:
                     raise ValueError(
                         f"stage {i + 1} (layers[{i}] = {n}: {depth} residual functions): {e}"

@@ -13,21 +13,11 @@ import torch
 from torch import Tensor, nn
 
 from ..stack import ResidualStack
-from ._base import StageModel, zero_init_last_bn
+from ._base import StageModel
 from ._registry import register_model
+from .blocks import conv_block, zero_init_last_bn
 
 ENGINES = ("auto", "generic", "fused")
-
-
-def conv_block(channels: int) -> nn.Sequential:
-    """The tiny ResNet's residual function: conv3x3(bias)-BN-ReLU-conv3x3(bias)-BN."""
-    return nn.Sequential(
-        nn.Conv2d(channels, channels, 3, padding=1, bias=True),
-        nn.BatchNorm2d(channels),
-        nn.ReLU(),
-        nn.Conv2d(channels, channels, 3, padding=1, bias=True),
-        nn.BatchNorm2d(channels),
-    )
 
 
 def _fused_conv_stack_cls():
@@ -63,15 +53,13 @@ def conv_stage(
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {list(ENGINES)}")
-    if tied:
-        block = conv_block(channels)
-        zero_init_last_bn(block)
-        stack = ResidualStack.tied(block, depth=depth, scheme=scheme, backward=backward)
-    else:
-        blocks = [conv_block(channels) for _ in range(depth)]
-        for b in blocks:
-            zero_init_last_bn(b)
-        stack = ResidualStack(blocks, scheme=scheme, backward=backward)
+    stack = ResidualStack.from_factory(
+        lambda: zero_init_last_bn(conv_block(channels)),
+        depth,
+        tied=tied,
+        scheme=scheme,
+        backward=backward,
+    )
     if engine == "generic":
         return stack
     cls = _fused_conv_stack_cls()
@@ -162,7 +150,13 @@ class TinyResNet(StageModel):
             return state_dict
         s = self.layer1
         if generic_here:  # fused checkpoint -> generic model
-            src = ConvStack(s.block(0)[0].in_channels, s.depth, s.scheme.name, s.backward, s.tied)
+            src = ConvStack(
+                s.block(0)[0].in_channels,
+                s.depth,
+                scheme=s.scheme.name,
+                backward=s.backward,
+                tied=s.tied,
+            )
             src.load_state_dict(sub)
             new = src.to_generic().state_dict()
         else:  # generic checkpoint -> fused model
