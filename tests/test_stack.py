@@ -11,7 +11,6 @@ from helpers import (
     DEVICES,
     SCHEMES,
     flat_rel,
-    loglog_slope,
     mlp_block,
     mlp_blocks,
     rel,
@@ -20,6 +19,7 @@ from torch import nn
 
 import resode
 from resode.diagnostics import saved_tensor_bytes
+from resode.utils import loglog_slope
 
 DEPTHS = (8, 16, 32, 64, 128, 256)
 
@@ -322,3 +322,102 @@ def test_adjoint_stored_variant_is_closer_than_chained(scheme):
     e_chained = flat_rel(g["adjoint"], g["autograd"])
     e_stored = flat_rel(g["adjoint_stored"], g["autograd"])
     assert 0 < e_stored < e_chained
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_stage_api(scheme):
+    blocks = mlp_blocks(6, seed=5)
+    stack = resode.ResidualStack(blocks, scheme=scheme, step=0.01)
+    assert (stack.depth, stack.step, stack.tied) == (6, 0.01, False)
+    assert stack.num_steps == (6 if scheme == "euler" else 5)
+    assert all(stack.block(n) is blocks[n] for n in range(6))
+    assert stack.stage_kwargs() == dict(scheme=scheme, backward="autograd", step=0.01, tied=False)
+    with pytest.raises(AttributeError):
+        stack.tied = True  # fixed at construction (the blocks depend on it)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    with torch.no_grad():
+        y = stack(x)
+    assert torch.equal(stack.integrate(x), y)
+    # the reverse steps undo the forward up to a local error O(h^2) per step (at least)
+    small = resode.ResidualStack(blocks, scheme=scheme, step=0.001)
+    with torch.no_grad():
+        errs = [rel(s.reverse(s.integrate(x)), x) for s in (stack, small)]
+    assert 0 < errs[1] < errs[0] / 50, errs
+    tied = resode.ResidualStack(blocks[0], depth=4, tied=True, scheme=scheme, backward="adjoint")
+    assert tied.block(3) is blocks[0] and tied.stage_kwargs()["step"] is None
+    rebuilt = resode.ResidualStack(blocks[0], depth=4, **tied.stage_kwargs())
+    assert rebuilt.tied and rebuilt.backward == "adjoint" and rebuilt.step == 0.25
+
+
+@pytest.mark.parametrize("mode", ["adjoint", "adjoint_stored"])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_adjoint_takes_an_explicit_problem(scheme, mode):
+    """The adjoint needs no ResidualStack: scheme, step, block function and parameters suffice."""
+    from resode._adjoint import AdjointProblem, ReconstructionAdjoint
+    from resode._stored_adjoint import StoredReconstructionAdjoint
+
+    function = {"adjoint": ReconstructionAdjoint, "adjoint_stored": StoredReconstructionAdjoint}
+    blocks = mlp_blocks(8, seed=6)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    c = torch.randn(4, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    params = [p for b in blocks for p in b.parameters()]
+
+    def step_fn(n, args):
+        return lambda i, z: blocks[i](z) * args[0]
+
+    problem = AdjointProblem(
+        scheme=resode.get_scheme(scheme),
+        h=1 / 8,
+        num_steps=resode.get_scheme(scheme).num_steps(8),
+        step_fn=step_fn,
+        block_params=lambda i: blocks[i].parameters(),
+        n_args=1,
+    )
+    y = function[mode].apply(problem, x, c, *params)
+    g = torch.autograd.grad(y.square().sum(), [x, c, *params])
+
+    class Scaled(nn.Module):  # the same residual functions as a ResidualStack
+        def __init__(self, block):
+            super().__init__()
+            self.block = block
+
+        def forward(self, z, s):
+            return self.block(z) * s
+
+    stack = resode.ResidualStack([Scaled(b) for b in blocks], scheme=scheme, backward=mode)
+    y_ref = stack(x, c)
+    g_ref = torch.autograd.grad(y_ref.square().sum(), [x, c, *stack.parameters()])
+    assert torch.equal(y, y_ref)
+    assert all(torch.equal(a, b) for a, b in zip(g, g_ref))
+    stack.backward = "autograd"
+    g_exact = torch.autograd.grad(stack(x, c).square().sum(), [x, c, *stack.parameters()])
+    assert 0 < flat_rel(g, g_exact) < 0.5
+
+
+def _module_imports(path, top_level_only):
+    import ast
+
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    out = set()
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom):
+            out |= {f"{'.' * node.level}{node.module or ''}:{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+    return out
+
+
+def test_adjoint_modules_do_not_import_the_stack():
+    """The stack imports the adjoints at the top; they never import it back (no cycle)."""
+    import pathlib
+
+    root = pathlib.Path(resode.__file__).parent
+    for name in ("_adjoint.py", "_stored_adjoint.py", "_recompute.py", "schemes.py"):
+        imports = _module_imports(root / name, top_level_only=False)
+        assert not [i for i in imports if "stack" in i], (name, imports)
+    stack_imports = _module_imports(root / "stack.py", top_level_only=True)
+    assert {"._adjoint:ReconstructionAdjoint", ".:_stored_adjoint"} <= stack_imports
+    # and nothing is imported lazily inside stack.py's functions
+    assert _module_imports(root / "stack.py", top_level_only=False) == stack_imports
