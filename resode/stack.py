@@ -10,6 +10,7 @@ Neural Networks discretize Neural Ordinary Differential Equations?", NeurIPS 202
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 
@@ -51,6 +52,15 @@ def _check_backward(mode: str) -> str:
     return mode
 
 
+def _is_positive_finite(step: object) -> bool:
+    return (
+        isinstance(step, (int, float))
+        and not isinstance(step, bool)
+        and math.isfinite(step)
+        and step > 0
+    )
+
+
 class Stage(nn.Module):
     """Base of every residual stage (generic and fused): scheme, depth, step, backward mode.
 
@@ -89,8 +99,10 @@ class Stage(nn.Module):
                 f"scheme {self.scheme.name!r} needs at least {self.scheme.min_depth} residual "
                 f"functions, got {depth}; use more blocks or scheme='euler'"
             )
-        if step is not None and not (isinstance(step, (int, float)) and step > 0):
-            raise ValueError(f"step must be a positive number or None (1/depth), got {step!r}")
+        if step is not None and not _is_positive_finite(step):
+            raise ValueError(
+                f"step must be a positive finite number or None (1/depth), got {step!r}"
+            )
         self._depth = depth
         self._step = None if step is None else float(step)
         self._tied = bool(tied)
@@ -187,6 +199,40 @@ def backward_mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
             s.backward = m
 
 
+def _block_list(
+    blocks: Sequence[nn.Module] | nn.Module, depth: int | None, tied: bool
+) -> tuple[list[nn.Module], int]:
+    """The blocks of a :class:`ResidualStack` as a list, and its depth (checked)."""
+    if isinstance(blocks, nn.Module) and not isinstance(blocks, nn.ModuleList):
+        if not tied:
+            # An nn.Sequential is one residual function (Linear-Tanh-Linear...), never a list of
+            # them: taking its layers as N residual functions would silently build another net.
+            raise TypeError(
+                f"ResidualStack got one module ({type(blocks).__name__}), not a list of blocks. "
+                "For one block applied N times: ResidualStack(block, depth=N, tied=True) (shared "
+                "weights) or ResidualStack.from_factory(make_block, N) (N blocks); for blocks "
+                "you built: ResidualStack([block1, block2, ...]) (a list, tuple or nn.ModuleList)"
+            )
+        blocks = [blocks]
+    blocks = list(blocks)
+    if not blocks:
+        raise ValueError("ResidualStack needs at least one residual block, got an empty list")
+    for i, b in enumerate(blocks):
+        if not isinstance(b, nn.Module):
+            raise TypeError(f"block {i} is a {type(b).__name__}, not an nn.Module")
+    if tied:
+        if len(blocks) != 1:
+            raise ValueError(f"a tied stage takes one block, got {len(blocks)}")
+        if depth is None:
+            raise ValueError(
+                "a tied stage needs its depth: ResidualStack(block, depth=N, tied=True)"
+            )
+        return blocks, depth
+    if depth is not None and depth != len(blocks):
+        raise ValueError(f"depth={depth} but {len(blocks)} blocks were given (untied)")
+    return blocks, len(blocks)
+
+
 class ResidualStack(Stage):
     """A residual stage read as an ODE solver, with an optional memory-free backward.
 
@@ -195,9 +241,11 @@ class ResidualStack(Stage):
     return a tensor shaped like ``x``.
 
     Args:
-        blocks: the ``N`` residual functions, a sequence of modules (untied); with
-            ``tied=True``, one module (or a sequence of one) applied ``depth`` times.
-            :meth:`from_factory` builds either from a block constructor.
+        blocks: the ``N`` residual functions as a list, tuple or ``nn.ModuleList`` of modules
+            (untied); with ``tied=True``, one module (or a list of one) applied ``depth`` times.
+            A single module is refused when untied: an ``nn.Sequential`` is one residual
+            function, not ``N`` of them. :meth:`from_factory` builds either from a block
+            constructor.
         depth: number of residual functions ``N``; defaults to ``len(blocks)`` (untied) and is
             required when ``tied``.
         scheme: ``"euler"`` (order 1) or ``"heun"`` (order 2; ``N`` functions, ``N - 1`` steps).
@@ -232,30 +280,7 @@ class ResidualStack(Stage):
         tied: bool = False,
         preserve_rng: bool | None = None,
     ) -> None:
-        if tied and isinstance(blocks, nn.Module) and not isinstance(blocks, nn.ModuleList):
-            blocks = [blocks]
-        if isinstance(blocks, nn.Module) and not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
-            raise TypeError(
-                "blocks must be a sequence of modules; for one module applied N times use "
-                "ResidualStack(block, depth=N, tied=True)"
-            )
-        blocks = list(blocks)
-        if not blocks:
-            raise ValueError("ResidualStack needs at least one residual block, got an empty list")
-        for i, b in enumerate(blocks):
-            if not isinstance(b, nn.Module):
-                raise TypeError(f"block {i} is a {type(b).__name__}, not an nn.Module")
-        if tied:
-            if len(blocks) != 1:
-                raise ValueError(f"a tied stage takes one block, got {len(blocks)}")
-            if depth is None:
-                raise ValueError(
-                    "a tied stage needs its depth: ResidualStack(block, depth=N, tied=True)"
-                )
-        elif depth is None:
-            depth = len(blocks)
-        elif depth != len(blocks):
-            raise ValueError(f"depth={depth} but {len(blocks)} blocks were given (untied)")
+        blocks, depth = _block_list(blocks, depth, tied)
         super().__init__(depth, scheme=scheme, backward=backward, step=step, tied=tied)
         self.blocks = nn.ModuleList(blocks)
         if preserve_rng is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -421,3 +422,34 @@ def test_adjoint_modules_do_not_import_the_stack():
     assert {"._adjoint:ReconstructionAdjoint", ".:_stored_adjoint"} <= stack_imports
     # and nothing is imported lazily inside stack.py's functions
     assert _module_imports(root / "stack.py", top_level_only=False) == stack_imports
+
+
+# ----------------------------------------------------------------------------- bad inputs
+def test_blocks_as_list_tuple_or_modulelist_and_a_sequential_refused():
+    blocks = mlp_blocks(4, seed=7)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    with torch.no_grad():
+        ref = resode.ResidualStack(blocks)(x)
+        for container in (tuple(blocks), nn.ModuleList(blocks)):
+            assert torch.equal(resode.ResidualStack(container)(x), ref)
+    # a Sequential is one residual function: its layers are not N residual functions
+    msg = r"one module \(Sequential\).*depth=N, tied=True.*from_factory.*\[block1, block2, \.\.\.\]"
+    with pytest.raises(TypeError, match=msg):
+        resode.ResidualStack(nn.Sequential(*blocks))
+    one = mlp_block(6, 12).double()
+    with pytest.raises(TypeError, match=msg):
+        resode.ResidualStack(one)
+    # ... applied N times when tied: x <- x + f(x) / N
+    hand = x
+    for _ in range(3):
+        hand = hand + one(hand) / 3
+    with torch.no_grad():
+        torch.testing.assert_close(
+            resode.ResidualStack(one, depth=3, tied=True)(x), hand, rtol=0, atol=1e-15
+        )
+
+
+@pytest.mark.parametrize("step", [math.inf, -math.inf, math.nan, 0.0, -0.5, True, "0.1"])
+def test_step_must_be_positive_and_finite(step):
+    with pytest.raises(ValueError, match="step must be a positive finite number"):
+        resode.ResidualStack(mlp_blocks(2), step=step)
