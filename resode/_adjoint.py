@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from ._recompute import frozen_batchnorm_stats
 from .schemes import BlockFn, Scheme
@@ -98,10 +97,33 @@ def save_context(
     params: tuple[Tensor, ...],
     extra: Sequence[Tensor] = (),
 ) -> None:
-    """Keep for the backward: the output ``y``, the extra args, and ``extra`` tensors."""
+    """Keep for the backward: the output ``y``, the extra args, and ``extra`` tensors.
+
+    ``y`` is kept as a private copy, not as the returned output: the backward starts its
+    reconstruction from these values, and the caller may change the output in place
+    (``nn.ReLU(inplace=True)`` right after the stage), which would otherwise fail autograd's
+    version check. It costs one output-sized tensor, whatever the depth.
+    """
     ctx.problem = problem
     ctx.params = params
-    ctx.save_for_backward(y, *args, *extra)
+    ctx.save_for_backward(y.clone(), *args, *extra)
+
+
+def refuse_double_backward() -> None:
+    """Raise when the backward is asked to build a graph (``create_graph=True``).
+
+    The reconstruction adjoint's gradients are computed step by step from rebuilt states, so
+    they cannot be differentiated again; without this, a second ``torch.autograd.grad`` would
+    see no dependence and return ``None`` (or zeros) for inputs the stage does depend on.
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "resode: a stage with backward='adjoint' (or 'adjoint_stored') cannot be "
+            "differentiated twice (create_graph=True, double backward, Hessian-vector products): "
+            "its gradients come from the reconstruction adjoint. Use backward='autograd' for "
+            "this stage (stage.backward = 'autograd', or with resode.backward_mode(model, "
+            "'autograd'): ...)"
+        )
 
 
 def saved(ctx) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
@@ -220,6 +242,6 @@ class ReconstructionAdjoint(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y: Tensor):
+        refuse_double_backward()
         return adjoint_backward(ctx, grad_y)

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ._adjoint import (
     AdjointProblem,
     adjoint_backward,
+    refuse_double_backward,
     run_forward,
     save_context,
     saved,
@@ -48,8 +48,8 @@ class StoredReconstructionAdjoint(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y: Tensor):
+        refuse_double_backward()
         y, _, trajectory = saved(ctx)
 
         def rebuild_from(n: int, x_next: Tensor) -> Tensor:

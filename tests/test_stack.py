@@ -453,3 +453,42 @@ def test_blocks_as_list_tuple_or_modulelist_and_a_sequential_refused():
 def test_step_must_be_positive_and_finite(step):
     with pytest.raises(ValueError, match="step must be a positive finite number"):
         resode.ResidualStack(mlp_blocks(2), step=step)
+
+
+@pytest.mark.parametrize("mode", ["adjoint", "adjoint_stored"])
+def test_inplace_op_right_after_an_adjoint_stage(mode):
+    blocks = mlp_blocks(8, seed=8)
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+
+    def grads(backward, inplace):
+        stack = resode.ResidualStack(blocks, backward=backward)
+        y = nn.ReLU(inplace=inplace)(stack(x))
+        return torch.autograd.grad(y.square().sum(), [x, *stack.parameters()])
+
+    g_inplace, g_plain = grads(mode, True), grads(mode, False)
+    assert all(torch.equal(a, b) for a, b in zip(g_inplace, g_plain))
+    assert 0 < flat_rel(g_inplace, grads("autograd", True)) < 0.1
+
+
+@pytest.mark.parametrize("mode", ["adjoint", "adjoint_stored"])
+def test_double_backward_through_the_adjoint_raises(mode):
+    stack = resode.ResidualStack(mlp_blocks(4, seed=9), backward=mode)
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    inputs = [x, *stack.parameters()]
+    msg = r"resode: .*differentiated twice \(create_graph=True.*backward='autograd'"
+    with pytest.raises(RuntimeError, match=msg):
+        torch.autograd.grad(stack(x).square().sum(), inputs, create_graph=True)
+    with pytest.raises(RuntimeError, match=msg):  # used to return None quietly at second order
+        torch.autograd.grad(stack(x).square().sum(), inputs, create_graph=True, allow_unused=True)
+    # the alternative the message names: autograd mode, a Hessian-vector product that matches
+    # central finite differences of the gradient
+    stack.backward = "autograd"
+    v = torch.randn(3, 6, dtype=torch.float64)
+
+    def grad_x(z, create_graph=False):
+        return torch.autograd.grad(stack(z).square().sum(), z, create_graph=create_graph)[0]
+
+    (hv,) = torch.autograd.grad((grad_x(x, True) * v).sum(), x)
+    eps = 1e-5
+    fd = (grad_x(x + eps * v) - grad_x(x - eps * v)) / (2 * eps)
+    assert rel(hv, fd) < 1e-7
