@@ -256,7 +256,7 @@ class ResidualStack(Stage):
             gradients are **approximate**: the relative error is ``O(1/N)`` for Euler and
             ``O(1/N^2)`` for Heun when the weights are smooth in depth (Sander et al. 2022,
             Prop. 3-5). It is only small when the network behaves like an ODE.
-        step: step ``h``; ``None`` means ``1/N``.
+        step: step ``h`` (positive and finite); ``None`` means ``1/N``.
         tied: one module shared by all ``N`` residual functions (its parameter gradients are
             accumulated over the steps).
         preserve_rng: replay random numbers (dropout masks) in the adjoint's recomputations.
@@ -266,7 +266,9 @@ class ResidualStack(Stage):
 
     Training-mode BatchNorm inside the blocks is recomputed with batch statistics; its running
     statistics are updated once per forward evaluation (as in autograd mode), never by the
-    backward. ``torch.no_grad()`` runs the plain loop.
+    backward. ``torch.no_grad()`` runs the plain loop. The output may be changed in place
+    (``nn.ReLU(inplace=True)``) in every mode. Adjoint gradients cannot be differentiated again:
+    ``create_graph=True`` through an adjoint stage raises; use ``backward="autograd"`` there.
     """
 
     def __init__(
