@@ -3,9 +3,13 @@
 Residual stages run as Euler or Heun schemes, with an exact backward (autograd) or the
 memory-free reconstruction adjoint, following Sander, Ablin & Peyre, "Do Residual Neural
 Networks discretize Neural Ordinary Differential Equations?" (NeurIPS 2022).
+
+Layout (docs/design.md, "Data flow"): ``schemes`` (step rules), ``stack`` (``Stage``, the generic
+``ResidualStack``), ``_adjoint`` (the reconstruction adjoint), ``fused`` (C++/CUDA stages),
+``models`` (registry), ``diagnostics``, ``data``, ``train``, ``utils``.
 """
 
-from . import data, diagnostics, fused, models, schemes, train
+from . import data, diagnostics, fused, models, schemes, train, utils
 from ._ext import extension_available
 from .models import ModelConfig
 from .schemes import Scheme, get_scheme, list_schemes
@@ -40,4 +44,5 @@ __all__ = [
     "set_backward",
     "stages",
     "train",
+    "utils",
 ]

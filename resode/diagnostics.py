@@ -5,6 +5,10 @@
   metric of Sander, Ablin & Peyre (NeurIPS 2022, Fig. 4).
 * :func:`depth_smoothness` -- how smooth the weights are in depth (Fig. 2).
 * :func:`saved_tensor_bytes` -- activation memory: the bytes autograd keeps for the backward.
+
+The paper code's variant of the adjoint (``backward="adjoint_stored"``: each ``x_n`` rebuilt from
+the stored ``x_{n+1}``), which :func:`gradient_error` compares with, is implemented next to this
+module in ``resode/_stored_adjoint.py``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .stack import ResidualStack, Stage, backward_mode, frozen_batchnorm_stats
+from . import _stored_adjoint
+from ._recompute import frozen_batchnorm_stats
+from .stack import ResidualStack, Stage, backward_mode
+
+#: the values of ``gradient_error``'s ``variant``
+GRADIENT_ERROR_VARIANTS = ("adjoint", _stored_adjoint.MODE)
 
 
 def _as_generic(stack: Stage) -> ResidualStack:
@@ -98,7 +107,7 @@ def gradient_error(
         ||g_bp - g_adj|| / ||g_bp|| over all parameters, "loss": exact loss}``. Model state
         (parameters' ``.grad``, BatchNorm buffers, RNG) is left as it was.
     """
-    if variant not in ("adjoint", "adjoint_stored"):
+    if variant not in GRADIENT_ERROR_VARIANTS:
         raise ValueError(f"variant must be 'adjoint' or 'adjoint_stored', got {variant!r}")
     if not isinstance(inputs, tuple):
         inputs = (inputs,)

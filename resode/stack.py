@@ -10,21 +10,40 @@ Neural Networks discretize Neural Ordinary Differential Equations?", NeurIPS 202
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
-from .schemes import Scheme, get_scheme
+from . import _stored_adjoint
+from ._adjoint import AdjointProblem, ReconstructionAdjoint
+from ._recompute import frozen_batchnorm_stats, mix_seed, seeded_rng
+from .schemes import BlockFn, Scheme, get_scheme
+
+__all__ = [
+    "BACKWARD_MODES",
+    "ResidualStack",
+    "Stage",
+    "backward_mode",
+    "frozen_batchnorm_stats",
+    "set_backward",
+    "stages",
+]
 
 #: The backward strategies of a stage.
 BACKWARD_MODES: tuple[str, ...] = ("autograd", "adjoint")
 # Diagnostic only (Fig. 4 of the paper, public code): rebuild each x_n from the *stored* x_{n+1}
 # instead of chaining reconstructions from the stage output. Stores every activation (O(N)).
-_DIAGNOSTIC_MODES: tuple[str, ...] = ("adjoint_stored",)
+# Implemented with the diagnostics (resode/_stored_adjoint.py).
+_DIAGNOSTIC_MODES: tuple[str, ...] = (_stored_adjoint.MODE,)
+# backward mode -> the autograd Function that implements it for the generic engine
+_ADJOINTS: dict[str, type[torch.autograd.Function]] = {
+    "adjoint": ReconstructionAdjoint,
+    _stored_adjoint.MODE: _stored_adjoint.StoredReconstructionAdjoint,
+}
 
 
 def _check_backward(mode: str) -> str:
@@ -33,15 +52,31 @@ def _check_backward(mode: str) -> str:
     return mode
 
 
+def _is_positive_finite(step: object) -> bool:
+    return (
+        isinstance(step, (int, float))
+        and not isinstance(step, bool)
+        and math.isfinite(step)
+        and step > 0
+    )
+
+
 class Stage(nn.Module):
     """Base of every residual stage (generic and fused): scheme, depth, step, backward mode.
+
+    Every stage, whatever its engine, offers: ``depth``, ``scheme``, ``backward`` (settable),
+    ``step``, ``tied``, ``num_steps``, ``block(n)``, ``integrate(x, args, seed)`` and
+    ``reverse(y, *args, seed)``, and its constructor takes ``(..., depth, *, scheme, backward,
+    step, tied)`` (see docs/design.md, "Engines").
 
     Args:
         depth: number of residual functions ``N``.
         scheme: ``"euler"`` or ``"heun"`` (see :mod:`resode.schemes`).
         backward: ``"autograd"`` (exact gradients, activations stored, memory ``O(N)``) or
             ``"adjoint"`` (memory ``O(1)`` in depth; gradients approximate, error ``O(1/N)`` for
-            Euler and ``O(1/N^2)`` for Heun when the weights are smooth in depth).
+            Euler and ``O(1/N^2)`` for Heun when the weights are smooth in depth; Sander, Ablin
+            & Peyre, NeurIPS 2022). ``"adjoint_stored"`` is the paper code's diagnostic variant
+            (memory ``O(N)``; see :func:`resode.diagnostics.gradient_error`).
         step: the step ``h``; ``None`` means ``1/N``.
         tied: one residual function (one set of parameters) used for all ``N`` steps.
     """
@@ -64,11 +99,13 @@ class Stage(nn.Module):
                 f"scheme {self.scheme.name!r} needs at least {self.scheme.min_depth} residual "
                 f"functions, got {depth}; use more blocks or scheme='euler'"
             )
-        if step is not None and not (isinstance(step, (int, float)) and step > 0):
-            raise ValueError(f"step must be a positive number or None (1/depth), got {step!r}")
+        if step is not None and not _is_positive_finite(step):
+            raise ValueError(
+                f"step must be a positive finite number or None (1/depth), got {step!r}"
+            )
         self._depth = depth
         self._step = None if step is None else float(step)
-        self.tied = bool(tied)
+        self._tied = bool(tied)
         self.backward = backward
 
     @property
@@ -82,20 +119,51 @@ class Stage(nn.Module):
         return self._step if self._step is not None else 1.0 / self._depth
 
     @property
+    def tied(self) -> bool:
+        """Whether one residual function (one set of parameters) serves all ``N`` steps."""
+        return self._tied
+
+    @property
     def num_steps(self) -> int:
         """Steps taken: ``N`` for Euler, ``N - 1`` for Heun."""
         return self.scheme.num_steps(self._depth)
 
     @property
     def backward(self) -> str:
+        """The backward mode: ``"autograd"``, ``"adjoint"`` (or ``"adjoint_stored"``)."""
         return self._backward
 
     @backward.setter
     def backward(self, mode: str) -> None:
         self._backward = _check_backward(mode)
 
+    def stage_kwargs(self) -> dict:
+        """The keywords every stage constructor takes, as this stage was built:
+        ``{"scheme", "backward", "step", "tied"}`` (``step`` is ``None`` when it is ``1/N``)."""
+        return dict(
+            scheme=self.scheme.name, backward=self.backward, step=self._step, tied=self.tied
+        )
+
     def block(self, n: int) -> nn.Module:
         """The residual function ``f_n`` as an ``nn.Module`` (a copy for the fused stages)."""
+        raise NotImplementedError
+
+    def integrate(
+        self, x: Tensor, args: tuple[Tensor, ...] = (), seed: int | None = None
+    ) -> Tensor:
+        """The plain forward loop ``x_0 -> x_N`` (records a graph only if autograd is on).
+
+        ``args`` are extra tensors passed to every block; ``seed`` replays the random streams of
+        one forward (``None``: the global RNG).
+        """
+        raise NotImplementedError
+
+    def reverse(self, y: Tensor, *args: Tensor, seed: int | None = None) -> Tensor:
+        """The reverse steps from the stage output ``y`` back to an estimate of its input.
+
+        Without a graph; training-mode BatchNorm uses batch statistics and its running
+        statistics are left alone.
+        """
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -131,43 +199,38 @@ def backward_mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
             s.backward = m
 
 
-@contextlib.contextmanager
-def frozen_batchnorm_stats(modules: Sequence[nn.Module]) -> Iterator[None]:
-    """Training-mode BatchNorm uses batch statistics but leaves its running statistics alone.
-
-    Used for every recomputation of the adjoint backward (DESIGN.md section 1): running
-    statistics are updated once per forward evaluation, never by the backward. ``.training``
-    is not touched; the BN layers only stop tracking for the duration.
-    """
-    frozen = []
-    for root in modules:
-        for m in root.modules():
-            if isinstance(m, _BatchNorm) and m.training and m.track_running_stats:
-                m.track_running_stats = False
-                frozen.append(m)
-    try:
-        yield
-    finally:
-        for m in frozen:
-            m.track_running_stats = True
-
-
-def _mix_seed(base: int, step: int, block: int) -> int:
-    return (base * 1_000_003 + step * 65_537 + block * 257 + 1) % (2**63 - 1)
-
-
-@contextlib.contextmanager
-def _seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
-    """Run under a forked RNG seeded with ``seed`` on ``device`` (the global stream is kept)."""
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        with torch.random.fork_rng(devices=[index], device_type="cuda"):
-            torch.cuda.default_generators[index].manual_seed(seed)
-            yield
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
-            yield
+def _block_list(
+    blocks: Sequence[nn.Module] | nn.Module, depth: int | None, tied: bool
+) -> tuple[list[nn.Module], int]:
+    """The blocks of a :class:`ResidualStack` as a list, and its depth (checked)."""
+    if isinstance(blocks, nn.Module) and not isinstance(blocks, nn.ModuleList):
+        if not tied:
+            # An nn.Sequential is one residual function (Linear-Tanh-Linear...), never a list of
+            # them: taking its layers as N residual functions would silently build another net.
+            raise TypeError(
+                f"ResidualStack got one module ({type(blocks).__name__}), not a list of blocks. "
+                "For one block applied N times: ResidualStack(block, depth=N, tied=True) (shared "
+                "weights) or ResidualStack.from_factory(make_block, N) (N blocks); for blocks "
+                "you built: ResidualStack([block1, block2, ...]) (a list, tuple or nn.ModuleList)"
+            )
+        blocks = [blocks]
+    blocks = list(blocks)
+    if not blocks:
+        raise ValueError("ResidualStack needs at least one residual block, got an empty list")
+    for i, b in enumerate(blocks):
+        if not isinstance(b, nn.Module):
+            raise TypeError(f"block {i} is a {type(b).__name__}, not an nn.Module")
+    if tied:
+        if len(blocks) != 1:
+            raise ValueError(f"a tied stage takes one block, got {len(blocks)}")
+        if depth is None:
+            raise ValueError(
+                "a tied stage needs its depth: ResidualStack(block, depth=N, tied=True)"
+            )
+        return blocks, depth
+    if depth is not None and depth != len(blocks):
+        raise ValueError(f"depth={depth} but {len(blocks)} blocks were given (untied)")
+    return blocks, len(blocks)
 
 
 class ResidualStack(Stage):
@@ -178,9 +241,11 @@ class ResidualStack(Stage):
     return a tensor shaped like ``x``.
 
     Args:
-        blocks: the ``N`` residual functions, a sequence of modules (untied); with
-            ``tied=True``, one module (or a sequence of one) applied ``depth`` times.
-            :meth:`from_factory` builds either from a block constructor.
+        blocks: the ``N`` residual functions as a list, tuple or ``nn.ModuleList`` of modules
+            (untied); with ``tied=True``, one module (or a list of one) applied ``depth`` times.
+            A single module is refused when untied: an ``nn.Sequential`` is one residual
+            function, not ``N`` of them. :meth:`from_factory` builds either from a block
+            constructor.
         depth: number of residual functions ``N``; defaults to ``len(blocks)`` (untied) and is
             required when ``tied``.
         scheme: ``"euler"`` (order 1) or ``"heun"`` (order 2; ``N`` functions, ``N - 1`` steps).
@@ -191,7 +256,7 @@ class ResidualStack(Stage):
             gradients are **approximate**: the relative error is ``O(1/N)`` for Euler and
             ``O(1/N^2)`` for Heun when the weights are smooth in depth (Sander et al. 2022,
             Prop. 3-5). It is only small when the network behaves like an ODE.
-        step: step ``h``; ``None`` means ``1/N``.
+        step: step ``h`` (positive and finite); ``None`` means ``1/N``.
         tied: one module shared by all ``N`` residual functions (its parameter gradients are
             accumulated over the steps).
         preserve_rng: replay random numbers (dropout masks) in the adjoint's recomputations.
@@ -201,7 +266,9 @@ class ResidualStack(Stage):
 
     Training-mode BatchNorm inside the blocks is recomputed with batch statistics; its running
     statistics are updated once per forward evaluation (as in autograd mode), never by the
-    backward. ``torch.no_grad()`` runs the plain loop.
+    backward. ``torch.no_grad()`` runs the plain loop. The output may be changed in place
+    (``nn.ReLU(inplace=True)``) in every mode. Adjoint gradients cannot be differentiated again:
+    ``create_graph=True`` through an adjoint stage raises; use ``backward="autograd"`` there.
     """
 
     def __init__(
@@ -215,30 +282,7 @@ class ResidualStack(Stage):
         tied: bool = False,
         preserve_rng: bool | None = None,
     ) -> None:
-        if tied and isinstance(blocks, nn.Module) and not isinstance(blocks, nn.ModuleList):
-            blocks = [blocks]
-        if isinstance(blocks, nn.Module) and not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
-            raise TypeError(
-                "blocks must be a sequence of modules; for one module applied N times use "
-                "ResidualStack(block, depth=N, tied=True)"
-            )
-        blocks = list(blocks)
-        if not blocks:
-            raise ValueError("ResidualStack needs at least one residual block, got an empty list")
-        for i, b in enumerate(blocks):
-            if not isinstance(b, nn.Module):
-                raise TypeError(f"block {i} is a {type(b).__name__}, not an nn.Module")
-        if tied:
-            if len(blocks) != 1:
-                raise ValueError(f"a tied stage takes one block, got {len(blocks)}")
-            if depth is None:
-                raise ValueError(
-                    "a tied stage needs its depth: ResidualStack(block, depth=N, tied=True)"
-                )
-        elif depth is None:
-            depth = len(blocks)
-        elif depth != len(blocks):
-            raise ValueError(f"depth={depth} but {len(blocks)} blocks were given (untied)")
+        blocks, depth = _block_list(blocks, depth, tied)
         super().__init__(depth, scheme=scheme, backward=backward, step=step, tied=tied)
         self.blocks = nn.ModuleList(blocks)
         if preserve_rng is None:
@@ -277,7 +321,7 @@ class ResidualStack(Stage):
         if seed is None:
             out = block(x, *args)
         else:
-            with _seeded_rng(_mix_seed(seed, step, i), x.device):
+            with seeded_rng(mix_seed(seed, step, i), x.device):
                 out = block(x, *args)
         if not isinstance(out, Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
@@ -288,8 +332,9 @@ class ResidualStack(Stage):
             )
         return out
 
-    def _f(self, args: tuple[Tensor, ...], step: int, seed: int | None):
-        return partial(self._eval, args=args, step=step, seed=seed)
+    def _block_fn(self, n: int, args: tuple[Tensor, ...], seed: int | None) -> BlockFn:
+        """``f(i, x)``: residual function ``i`` at ``x`` as step ``n`` evaluates it."""
+        return partial(self._eval, args=args, step=n, seed=seed)
 
     def integrate(
         self, x: Tensor, args: tuple[Tensor, ...] = (), seed: int | None = None
@@ -297,14 +342,14 @@ class ResidualStack(Stage):
         """The plain forward loop (records a graph only if autograd is on)."""
         h = self.step
         for n in range(self.num_steps):
-            x = self.scheme.step(self._f(args, n, seed), n, x, h)
+            x = self.scheme.step(self._block_fn(n, args, seed), n, x, h)
         return x
 
     def reverse_step(
         self, n: int, x_next: Tensor, args: tuple[Tensor, ...] = (), seed: int | None = None
     ) -> Tensor:
         """Approximate ``x_n`` from ``x_{n+1}`` (scheme's reverse step)."""
-        return self.scheme.reverse_step(self._f(args, n, seed), n, x_next, self.step)
+        return self.scheme.reverse_step(self._block_fn(n, args, seed), n, x_next, self.step)
 
     @torch.no_grad()
     def reverse(self, y: Tensor, *args: Tensor, seed: int | None = None) -> Tensor:
@@ -327,6 +372,18 @@ class ResidualStack(Stage):
                 out.append(p)
         return out
 
+    def adjoint_problem(self, n_args: int = 0, seed: int | None = None) -> AdjointProblem:
+        """What the reconstruction adjoint needs from this stage (:mod:`resode._adjoint`)."""
+        return AdjointProblem(
+            scheme=self.scheme,
+            h=self.step,
+            num_steps=self.num_steps,
+            step_fn=partial(self._block_fn, seed=seed),
+            block_params=lambda i: self.block(i).parameters(),
+            frozen=(self,),
+            n_args=n_args,
+        )
+
     def forward(self, x: Tensor, *args: Tensor) -> Tensor:
         if not isinstance(x, Tensor):
             raise TypeError(f"ResidualStack expects a tensor input, got {type(x).__name__}")
@@ -344,6 +401,5 @@ class ResidualStack(Stage):
         params = self._grad_params()
         if not (x.requires_grad or params or any(a.requires_grad for a in args)):
             return self.integrate(x, args, seed)
-        from ._adjoint import ReconstructionAdjoint
-
-        return ReconstructionAdjoint.apply(self, seed, len(args), len(params), x, *args, *params)
+        adjoint = _ADJOINTS[self.backward]
+        return adjoint.apply(self.adjoint_problem(len(args), seed), x, *args, *params)

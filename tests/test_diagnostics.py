@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import SCHEMES, loglog_slope, mlp_block, mlp_blocks
+from helpers import SCHEMES, mlp_block, mlp_blocks
 from torch import nn
 
 import resode
 from resode import diagnostics
+from resode.utils import loglog_slope
 
 
 @pytest.mark.parametrize("scheme,max_slope", [("euler", -0.9), ("heun", -1.8)])

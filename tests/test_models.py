@@ -164,17 +164,77 @@ def test_config_rebuilds_the_model(name):
 
 
 def _fused_available() -> bool:
-    from resode.models.tiny import _fused_conv_stack_cls
+    ok = resode.fused.available_for("cpu")
+    return ok and (not torch.cuda.is_available() or resode.fused.available_for("cuda"))
 
-    return _fused_conv_stack_cls() is not None
+
+def test_engine_fused_without_extension_errors(monkeypatch):
+    monkeypatch.setattr(resode.fused, "available_for", lambda device=None: False)
+    for name in ("tiny_resnet", "mlp_resnet"):
+        with pytest.raises(RuntimeError, match="engine='generic'"):
+            M.create(name, depth=2, engine="fused")
+        auto = M.create(name, depth=2, engine="auto")
+        assert isinstance(auto.layer1, resode.ResidualStack)
+        assert auto.config.kwargs["engine"] == "auto"
 
 
-def test_engine_fused_without_extension_errors():
-    if _fused_available():
-        pytest.skip("the extension is available")
-    with pytest.raises(RuntimeError, match="generic"):
-        M.create("tiny_resnet", depth=2, engine="fused")
-    assert isinstance(M.create("tiny_resnet", depth=2).layer1, resode.ResidualStack)
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_every_model_takes_engine(name):
+    with pytest.raises(ValueError, match=r"unknown engine 'warp'.*auto.*generic.*fused"):
+        _small(name, engine="warp")
+    model, _ = _small(name, engine="generic")
+    assert model.config.kwargs["engine"] == "generic"
+    assert all(isinstance(s, resode.ResidualStack) for s in model.residual_stacks())
+
+
+@pytest.mark.parametrize("name", ["resnet", "resnet18"])
+def test_resnet_family_has_no_fused_engine(name):
+    with pytest.raises(ValueError, match=r"engine='fused'.*no fused stage.*engine='generic'"):
+        _small(name, engine="fused")
+    model, _ = _small(name, engine="auto")  # auto means generic here
+    assert all(type(s) is resode.ResidualStack for s in model.residual_stacks())
+    assert model.config.kwargs["engine"] == "auto"
+
+
+def test_default_engines_are_unchanged():
+    assert M.create("mlp_resnet", depth=2).config.kwargs["engine"] == "generic"
+    assert isinstance(M.create("mlp_resnet", depth=2).layer1, resode.ResidualStack)
+    assert M.create("tiny_resnet", depth=2).config.kwargs["engine"] == "auto"
+    assert M.create("resnet18", width=2).config.kwargs["engine"] == "generic"
+
+
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_mlp_resnet_engine_fused_matches_generic(backward):
+    if not _fused_available():
+        pytest.skip("resode extension (fused MLPStack) not available")
+    kw = dict(depth=5, dim=6, hidden=10, image_size=4, num_classes=3, backward=backward)
+    torch.manual_seed(3)
+    gen = M.create("mlp_resnet", engine="generic", **kw).double()
+    torch.manual_seed(3)
+    fused = M.create("mlp_resnet", engine="fused", **kw).double()
+    assert isinstance(fused.layer1, resode.fused.MLPStack)
+    assert fused.config.kwargs["engine"] == "fused"
+    # same seed, same weights: the fused stage is built from the generic one
+    ref = gen.layer1.state_dict()
+    for k, v in fused.layer1.to_generic().state_dict().items():
+        assert torch.equal(v, ref[k]), k
+    x = torch.randn(4, 1, 4, 4, dtype=torch.float64)
+    outs, grads = {}, {}
+    for name, model in (("generic", gen), ("fused", fused)):
+        out = model(x)
+        outs[name] = out.detach()
+        grads[name] = torch.autograd.grad(out.square().sum(), [model.embed.weight, model.fc.weight])
+    torch.testing.assert_close(outs["fused"], outs["generic"], rtol=1e-10, atol=1e-12)
+    for a, b in zip(grads["fused"], grads["generic"]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    # checkpoints cross engines both ways
+    g2 = M.create("mlp_resnet", engine="generic", **kw).double()
+    g2.load_state_dict(fused.state_dict())
+    f2 = M.create("mlp_resnet", engine="fused", **kw).double()
+    f2.load_state_dict(gen.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(g2(x), outs["generic"], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(f2(x), outs["generic"], rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("backward", BACKWARDS)
@@ -183,11 +243,16 @@ def test_engine_fused_matches_generic(backward):
         pytest.skip("resode extension (fused ConvStack) not available")
     torch.manual_seed(0)
     gen = M.create("tiny_resnet", depth=4, engine="generic", backward=backward)
-    _randomize(gen)
     torch.manual_seed(0)
     fused = M.create("tiny_resnet", depth=4, engine="fused", backward=backward)
-    fused.load_state_dict(gen.state_dict(), strict=False)
-    fused.layer1 = type(fused.layer1).from_generic(gen.layer1)
+    assert isinstance(fused.layer1, resode.fused.ConvStack)
+    # the same seed gives the same weights under both engines (stem, stage and head)
+    as_generic = M.create("tiny_resnet", depth=4, engine="generic")
+    as_generic.load_state_dict(fused.state_dict())
+    for k, v in gen.state_dict().items():
+        assert torch.equal(as_generic.state_dict()[k], v), k
+    _randomize(gen)
+    fused.load_state_dict(gen.state_dict())
     x = torch.randn(4, 3, 16, 16)
     torch.testing.assert_close(fused(x), gen(x), rtol=1e-4, atol=1e-5)
     # checkpoints cross engines both ways

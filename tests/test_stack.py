@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -11,7 +12,6 @@ from helpers import (
     DEVICES,
     SCHEMES,
     flat_rel,
-    loglog_slope,
     mlp_block,
     mlp_blocks,
     rel,
@@ -20,6 +20,7 @@ from torch import nn
 
 import resode
 from resode.diagnostics import saved_tensor_bytes
+from resode.utils import loglog_slope
 
 DEPTHS = (8, 16, 32, 64, 128, 256)
 
@@ -322,3 +323,172 @@ def test_adjoint_stored_variant_is_closer_than_chained(scheme):
     e_chained = flat_rel(g["adjoint"], g["autograd"])
     e_stored = flat_rel(g["adjoint_stored"], g["autograd"])
     assert 0 < e_stored < e_chained
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_stage_api(scheme):
+    blocks = mlp_blocks(6, seed=5)
+    stack = resode.ResidualStack(blocks, scheme=scheme, step=0.01)
+    assert (stack.depth, stack.step, stack.tied) == (6, 0.01, False)
+    assert stack.num_steps == (6 if scheme == "euler" else 5)
+    assert all(stack.block(n) is blocks[n] for n in range(6))
+    assert stack.stage_kwargs() == dict(scheme=scheme, backward="autograd", step=0.01, tied=False)
+    with pytest.raises(AttributeError):
+        stack.tied = True  # fixed at construction (the blocks depend on it)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    with torch.no_grad():
+        y = stack(x)
+    assert torch.equal(stack.integrate(x), y)
+    # the reverse steps undo the forward up to a local error O(h^2) per step (at least)
+    small = resode.ResidualStack(blocks, scheme=scheme, step=0.001)
+    with torch.no_grad():
+        errs = [rel(s.reverse(s.integrate(x)), x) for s in (stack, small)]
+    assert 0 < errs[1] < errs[0] / 50, errs
+    tied = resode.ResidualStack(blocks[0], depth=4, tied=True, scheme=scheme, backward="adjoint")
+    assert tied.block(3) is blocks[0] and tied.stage_kwargs()["step"] is None
+    rebuilt = resode.ResidualStack(blocks[0], depth=4, **tied.stage_kwargs())
+    assert rebuilt.tied and rebuilt.backward == "adjoint" and rebuilt.step == 0.25
+
+
+@pytest.mark.parametrize("mode", ["adjoint", "adjoint_stored"])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_adjoint_takes_an_explicit_problem(scheme, mode):
+    """The adjoint needs no ResidualStack: scheme, step, block function and parameters suffice."""
+    from resode._adjoint import AdjointProblem, ReconstructionAdjoint
+    from resode._stored_adjoint import StoredReconstructionAdjoint
+
+    function = {"adjoint": ReconstructionAdjoint, "adjoint_stored": StoredReconstructionAdjoint}
+    blocks = mlp_blocks(8, seed=6)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    c = torch.randn(4, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    params = [p for b in blocks for p in b.parameters()]
+
+    def step_fn(n, args):
+        return lambda i, z: blocks[i](z) * args[0]
+
+    problem = AdjointProblem(
+        scheme=resode.get_scheme(scheme),
+        h=1 / 8,
+        num_steps=resode.get_scheme(scheme).num_steps(8),
+        step_fn=step_fn,
+        block_params=lambda i: blocks[i].parameters(),
+        n_args=1,
+    )
+    y = function[mode].apply(problem, x, c, *params)
+    g = torch.autograd.grad(y.square().sum(), [x, c, *params])
+
+    class Scaled(nn.Module):  # the same residual functions as a ResidualStack
+        def __init__(self, block):
+            super().__init__()
+            self.block = block
+
+        def forward(self, z, s):
+            return self.block(z) * s
+
+    stack = resode.ResidualStack([Scaled(b) for b in blocks], scheme=scheme, backward=mode)
+    y_ref = stack(x, c)
+    g_ref = torch.autograd.grad(y_ref.square().sum(), [x, c, *stack.parameters()])
+    assert torch.equal(y, y_ref)
+    assert all(torch.equal(a, b) for a, b in zip(g, g_ref))
+    stack.backward = "autograd"
+    g_exact = torch.autograd.grad(stack(x, c).square().sum(), [x, c, *stack.parameters()])
+    assert 0 < flat_rel(g, g_exact) < 0.5
+
+
+def _module_imports(path, top_level_only):
+    import ast
+
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    out = set()
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom):
+            out |= {f"{'.' * node.level}{node.module or ''}:{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+    return out
+
+
+def test_adjoint_modules_do_not_import_the_stack():
+    """The stack imports the adjoints at the top; they never import it back (no cycle)."""
+    import pathlib
+
+    root = pathlib.Path(resode.__file__).parent
+    for name in ("_adjoint.py", "_stored_adjoint.py", "_recompute.py", "schemes.py"):
+        imports = _module_imports(root / name, top_level_only=False)
+        assert not [i for i in imports if "stack" in i], (name, imports)
+    stack_imports = _module_imports(root / "stack.py", top_level_only=True)
+    assert {"._adjoint:ReconstructionAdjoint", ".:_stored_adjoint"} <= stack_imports
+    # and nothing is imported lazily inside stack.py's functions
+    assert _module_imports(root / "stack.py", top_level_only=False) == stack_imports
+
+
+# ----------------------------------------------------------------------------- bad inputs
+def test_blocks_as_list_tuple_or_modulelist_and_a_sequential_refused():
+    blocks = mlp_blocks(4, seed=7)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    with torch.no_grad():
+        ref = resode.ResidualStack(blocks)(x)
+        for container in (tuple(blocks), nn.ModuleList(blocks)):
+            assert torch.equal(resode.ResidualStack(container)(x), ref)
+    # a Sequential is one residual function: its layers are not N residual functions
+    msg = r"one module \(Sequential\).*depth=N, tied=True.*from_factory.*\[block1, block2, \.\.\.\]"
+    with pytest.raises(TypeError, match=msg):
+        resode.ResidualStack(nn.Sequential(*blocks))
+    one = mlp_block(6, 12).double()
+    with pytest.raises(TypeError, match=msg):
+        resode.ResidualStack(one)
+    # ... applied N times when tied: x <- x + f(x) / N
+    hand = x
+    for _ in range(3):
+        hand = hand + one(hand) / 3
+    with torch.no_grad():
+        torch.testing.assert_close(
+            resode.ResidualStack(one, depth=3, tied=True)(x), hand, rtol=0, atol=1e-15
+        )
+
+
+@pytest.mark.parametrize("step", [math.inf, -math.inf, math.nan, 0.0, -0.5, True, "0.1"])
+def test_step_must_be_positive_and_finite(step):
+    with pytest.raises(ValueError, match="step must be a positive finite number"):
+        resode.ResidualStack(mlp_blocks(2), step=step)
+
+
+@pytest.mark.parametrize("mode", ["adjoint", "adjoint_stored"])
+def test_inplace_op_right_after_an_adjoint_stage(mode):
+    blocks = mlp_blocks(8, seed=8)
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+
+    def grads(backward, inplace):
+        stack = resode.ResidualStack(blocks, backward=backward)
+        y = nn.ReLU(inplace=inplace)(stack(x))
+        return torch.autograd.grad(y.square().sum(), [x, *stack.parameters()])
+
+    g_inplace, g_plain = grads(mode, True), grads(mode, False)
+    assert all(torch.equal(a, b) for a, b in zip(g_inplace, g_plain))
+    assert 0 < flat_rel(g_inplace, grads("autograd", True)) < 0.1
+
+
+@pytest.mark.parametrize("mode", ["adjoint", "adjoint_stored"])
+def test_double_backward_through_the_adjoint_raises(mode):
+    stack = resode.ResidualStack(mlp_blocks(4, seed=9), backward=mode)
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    inputs = [x, *stack.parameters()]
+    msg = r"resode: .*differentiated twice \(create_graph=True.*backward='autograd'"
+    with pytest.raises(RuntimeError, match=msg):
+        torch.autograd.grad(stack(x).square().sum(), inputs, create_graph=True)
+    with pytest.raises(RuntimeError, match=msg):  # used to return None quietly at second order
+        torch.autograd.grad(stack(x).square().sum(), inputs, create_graph=True, allow_unused=True)
+    # the alternative the message names: autograd mode, a Hessian-vector product that matches
+    # central finite differences of the gradient
+    stack.backward = "autograd"
+    v = torch.randn(3, 6, dtype=torch.float64)
+
+    def grad_x(z, create_graph=False):
+        return torch.autograd.grad(stack(z).square().sum(), z, create_graph=create_graph)[0]
+
+    (hv,) = torch.autograd.grad((grad_x(x, True) * v).sum(), x)
+    eps = 1e-5
+    fd = (grad_x(x + eps * v) - grad_x(x - eps * v)) / (2 * eps)
+    assert rel(hv, fd) < 1e-7

@@ -1,15 +1,19 @@
 """Models of the paper, found through a small registry (timm style).
 
     model = resode.models.create("tiny_resnet", depth=32, scheme="heun", backward="adjoint")
+    mlp = resode.models.create("mlp_resnet", depth=16, engine="fused")  # C++ stage
     resode.models.list()            # registered names
     untied = resode.models.untie(tied_model)
     deeper = resode.models.resample_depth(model, 64)
 
 Every model built by the registry carries ``model.config`` (a :class:`ModelConfig`), saved in
 checkpoints so that a checkpoint alone rebuilds its model (``create(**asdict(config))``).
+Every entry takes ``engine=`` (:data:`ENGINES`: ``"auto"``, ``"generic"``, ``"fused"``); a
+checkpoint written under one engine loads into the model built with the other.
 """
 
 from ._base import StageModel
+from ._engine import ENGINES
 from ._registry import (
     ModelConfig,
     create,
@@ -31,6 +35,7 @@ from .tiny import TinyResNet, tiny_resnet
 list = list_models  # noqa: A001
 
 __all__ = [
+    "ENGINES",
     "MLPResNet",
     "ModelConfig",
     "ODEResNet",

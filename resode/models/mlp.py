@@ -3,7 +3,8 @@
 Linear embedding of the flattened image, a residual stage of ``depth`` functions
 ``Linear(dim, hidden)-act-Linear(hidden, dim)`` (the paper's MLP block), then a linear head.
 Without BatchNorm, data-parallel training gives exactly the single-process update on the union
-batch, which the DDP test relies on.
+batch, which the DDP test relies on. ``engine="fused"`` runs the stage as
+:class:`resode.fused.MLPStack` (built from the generic stage: same weights for the same seed).
 """
 
 from __future__ import annotations
@@ -12,12 +13,17 @@ from torch import Tensor, nn
 
 from ..stack import ResidualStack
 from ._base import StageModel
+from ._engine import select_engine
 from ._registry import register_model
 from .blocks import mlp_block
 
 
 class MLPResNet(StageModel):
-    """Flatten -> Linear(in, dim) -> ResidualStack of MLP blocks -> Linear(dim, classes)."""
+    """Flatten -> Linear(in, dim) -> residual stage of MLP blocks -> Linear(dim, classes).
+
+    ``engine``: ``"generic"`` (a :class:`resode.ResidualStack`), ``"fused"``
+    (:class:`resode.fused.MLPStack`) or ``"auto"`` (fused when the extension runs here).
+    """
 
     def __init__(
         self,
@@ -30,16 +36,18 @@ class MLPResNet(StageModel):
         scheme: str,
         backward: str,
         tied: bool,
+        engine: str = "generic",
     ) -> None:
         super().__init__()
         self.embed = nn.Linear(in_features, dim)
-        self.layer1 = ResidualStack.from_factory(
+        stack = ResidualStack.from_factory(
             lambda: mlp_block(dim, hidden, activation),
             depth,
             tied=tied,
             scheme=scheme,
             backward=backward,
         )
+        self.layer1 = select_engine(stack, engine, "MLPStack")
         self.fc = nn.Linear(dim, num_classes)
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -47,14 +55,6 @@ class MLPResNet(StageModel):
 
     def forward_head(self, x: Tensor) -> Tensor:
         return self.fc(x)  # (B, num_classes)
-
-    def config_with(self, depths=None, tied=None):
-        kw = {}
-        if depths is not None:
-            (kw["depth"],) = depths
-        if tied is not None:
-            kw["tied"] = tied
-        return self.config.replace(**kw)
 
 
 @register_model
@@ -69,8 +69,13 @@ def mlp_resnet(
     scheme: str = "euler",
     backward: str = "autograd",
     tied: bool = False,
+    engine: str = "generic",
 ) -> MLPResNet:
-    """MLP ResNet on ``in_channels x image_size x image_size`` images (see :class:`MLPResNet`)."""
+    """MLP ResNet on ``in_channels x image_size x image_size`` images (see :class:`MLPResNet`).
+
+    ``engine`` defaults to ``"generic"`` (the pure-PyTorch reference); ``"fused"`` or ``"auto"``
+    run the stage in the extension.
+    """
     return MLPResNet(
         depth,
         dim,
@@ -81,4 +86,5 @@ def mlp_resnet(
         scheme,
         backward,
         tied,
+        engine,
     )

@@ -1,4 +1,4 @@
-"""The ResNet family of the paper's Figs 3a/3b and Table 2 (DESIGN.md section 4).
+"""The ResNet family of the paper's Figs 3a/3b and Table 2 (docs/design.md, "Models and training").
 
 A torchvision-style stem (ImageNet: conv7x7 stride 2 + max-pool; ``small_input=True`` for
 CIFAR-size images: conv3x3 stride 1, no max-pool), then four stages. Stage ``i`` is one
@@ -11,16 +11,22 @@ Then BN + ReLU, global average pooling and a linear layer.
 
 ``tied=True``: each stage's residual functions share one block (any number of steps, same
 parameters), as in the paper's tied-weight experiments (Fig 3a, Table 2).
+
+``engine``: the pre-activation conv blocks have no fused stage, so ``"generic"`` and ``"auto"``
+both build :class:`resode.ResidualStack` s and ``"fused"`` is an error.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
 from ..stack import ResidualStack
 from ._base import StageModel
+from ._engine import no_fused_engine
 from ._registry import ModelConfig, register_model
 from .blocks import zero_init_last_bn
 
@@ -33,6 +39,13 @@ def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 
 def _conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+
+
+def _shortcut(cin: int, cout: int, stride: int) -> nn.Module | None:
+    """torchvision's projection shortcut (conv1x1 + BN) when the shape changes, else ``None``."""
+    if stride != 1 or cin != cout:
+        return nn.Sequential(_conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
+    return None
 
 
 class BasicBlock(nn.Module):
@@ -48,9 +61,7 @@ class BasicBlock(nn.Module):
         self.conv2 = _conv3x3(planes, cout)
         self.bn2 = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU()
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(_conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
+        self.downsample = _shortcut(cin, cout, stride)
 
     def forward(self, x: Tensor) -> Tensor:
         idt = x if self.downsample is None else self.downsample(x)
@@ -73,9 +84,7 @@ class Bottleneck(nn.Module):
         self.conv3 = _conv1x1(planes, cout)
         self.bn3 = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU()
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(_conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
+        self.downsample = _shortcut(cin, cout, stride)
 
     def forward(self, x: Tensor) -> Tensor:
         idt = x if self.downsample is None else self.downsample(x)
@@ -137,6 +146,8 @@ class ODEResNet(StageModel):
             ``width * (1, 2, 4, 8)`` (times 4 after a bottleneck). Shrink it for CPU runs.
         scheme, backward: of every residual stack.
         tied: one shared residual function per stage.
+        engine: ``"generic"`` or ``"auto"`` (the same here); ``"fused"`` raises ``ValueError``
+            (no fused equivalent of these blocks).
     """
 
     def __init__(
@@ -150,8 +161,10 @@ class ODEResNet(StageModel):
         scheme: str = "euler",
         backward: str = "autograd",
         tied: bool = False,
+        engine: str = "generic",
     ) -> None:
         super().__init__()
+        no_fused_engine(engine, "the ResNet family (pre-activation conv-BN blocks)")
         layers = [int(n) for n in layers]
         if len(layers) != 4 or any(n < 1 for n in layers):
             raise ValueError(f"layers must be 4 positive block counts, got {layers}")
@@ -210,6 +223,7 @@ class ODEResNet(StageModel):
             scheme=scheme,
             backward=backward,
             tied=tied,
+            engine=engine,
         )
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -250,34 +264,28 @@ def resnet(
     scheme: str = "euler",
     backward: str = "autograd",
     tied: bool = False,
+    engine: str = "generic",
 ) -> ODEResNet:
     """A ResNet with custom per-stage block counts ``layers`` (see :class:`ODEResNet`)."""
-    return ODEResNet(
-        layers, block, num_classes, in_channels, small_input, width, scheme, backward, tied
-    )
+    rest = (num_classes, in_channels, small_input, width, scheme, backward, tied, engine)
+    return ODEResNet(layers, block, *rest)
 
 
-def _entry(layers, block, doc):
-    def fn(
-        num_classes: int = 1000,
-        in_channels: int = 3,
-        small_input: bool = False,
-        width: int = 64,
-        scheme: str = "euler",
-        backward: str = "autograd",
-        tied: bool = False,
-    ) -> ODEResNet:
-        return ODEResNet(
-            layers, block, num_classes, in_channels, small_input, width, scheme, backward, tied
-        )
-
-    fn.__doc__ = doc
-    return fn
+#: the keywords of the named entries (``resnet18`` ...): those of :func:`resnet` but the layout
+_NAMED_ENTRY_PARAMS = [
+    p for n, p in inspect.signature(resnet).parameters.items() if n not in ("layers", "block")
+]
 
 
-def _make(name, layers, block):
-    fn = _entry(layers, block, f"ResNet with layers {layers} ({block} blocks); see ODEResNet.")
+def _make(name: str, layers: list[int], block: str):
+    """Register ``name``: :func:`resnet` with fixed ``layers`` and ``block``."""
+
+    def fn(**kwargs: Any) -> ODEResNet:
+        return ODEResNet(layers, block, **kwargs)
+
+    fn.__signature__ = inspect.Signature(_NAMED_ENTRY_PARAMS, return_annotation="ODEResNet")
     fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = f"ResNet with layers {layers} ({block} blocks); see ODEResNet."
     return register_model(fn)
 
 
