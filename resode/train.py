@@ -14,11 +14,15 @@
 * Seeding of python, numpy, torch and CUDA; the data order is a function of (seed, epoch).
 * bfloat16 autocast on CUDA (``bf16``), ``torch.compile`` (``compile``).
 * Every epoch: metrics appended to ``<out_dir>/metrics.jsonl`` and a checkpoint written
-  atomically to ``<out_dir>/checkpoint.pt`` (model config + train config + model, optimizer,
-  scheduler and RNG states). ``resume=True`` continues from it and ends in the same state as an
-  uninterrupted run (bitwise on CPU).
+  atomically to ``<out_dir>/checkpoint.pt`` (:mod:`resode.checkpoint`: model config + train
+  config + model, optimizer, scheduler and RNG states). ``resume=True`` continues from it and
+  ends in the same state as an uninterrupted run (bitwise on CPU).
 * Under ``torchrun`` the model is wrapped in DistributedDataParallel, every rank takes a slice
   of each global batch (``batch_size`` is the global batch), rank 0 logs and checkpoints.
+
+The loop (:class:`_Run`): setup (data, model, loaders, optimiser), resume (or broadcast the
+initial weights), then one loop over epochs, each followed by its record and checkpoint. See
+docs/design.md, "Models and training".
 """
 
 from __future__ import annotations
@@ -27,28 +31,49 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import random
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as D
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    atomic_save,
+    load_checkpoint,
+    model_from_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 from .data import Data, get_dataset
 from .models import ModelConfig, create, get_config, unwrap
 from .stack import Stage
+from .utils import peak_memory, resolve_device, seed_everything
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "TrainConfig",
+    "apply_trainable",
+    "build_model",
+    "evaluate",
+    "load_checkpoint",
+    "lr_factor",
+    "model_from_checkpoint",
+    "param_groups",
+    "rng_state",
+    "seed_everything",
+    "set_rng_state",
+    "train",
+]
 
 log = logging.getLogger("resode.train")
 
 SCHEDULES = ("cosine", "step", "multistep", "constant")
-CHECKPOINT_FORMAT = "resode-checkpoint-v1"
 
 
 @dataclass
@@ -146,44 +171,6 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------- helpers
-def seed_everything(seed: int) -> None:
-    """Seed python's ``random``, numpy and torch (CPU and every CUDA device)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def rng_state() -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def resolve_device(name: str, dist_info: D.DistInfo | None = None) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {name!r} requested but CUDA is not available")
-        if dev.index is None:
-            dev = torch.device("cuda", dist_info.local_rank if dist_info else 0)
-    return dev
-
-
 def lr_factor(config: TrainConfig, it: int, steps_per_epoch: int) -> float:
     """Learning-rate multiplier at iteration ``it`` (0-based) of the run."""
     epoch = it / steps_per_epoch
@@ -239,42 +226,6 @@ def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
     if not groups:
         raise ValueError("no trainable parameters (check `trainable`)")
     return [{"params": ps, "lr": config.lr * m, "lr_mult": m} for m, ps in sorted(groups.items())]
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _peak_memory(device: torch.device) -> tuple[int, str]:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
-    try:
-        import resource
-
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_max_rss"
-    except ImportError:  # pragma: no cover - not on Windows
-        return 0, "unknown"
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`train` (on CPU)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a resode training checkpoint ({CHECKPOINT_FORMAT})")
-    return ckpt
-
-
-def model_from_checkpoint(path: str | os.PathLike) -> nn.Module:
-    """Rebuild a model from a checkpoint alone (its stored config) and load its weights."""
-    ckpt = load_checkpoint(path)
-    if not ckpt.get("model_config"):
-        raise ValueError(f"{path} has no model config (the model was not built by the registry)")
-    cfg = ModelConfig.from_dict(ckpt["model_config"])
-    model = create(cfg.name, cfg.kwargs)
-    model.load_state_dict(ckpt["model"])
-    return model
 
 
 def build_model(config: TrainConfig, data: Data | None = None) -> nn.Module:
@@ -344,151 +295,200 @@ def train(
         dict with ``history`` (one metrics dict per epoch), ``final`` (the last one),
         ``best_test_acc``, ``best_test_error``, ``best_epoch`` (1-based), ``epochs_done``,
         ``num_params``, ``model_config``, ``train_config``, ``out_dir``, ``checkpoint`` (path
-        or ``None``) and ``model`` (the trained module, unwrapped; not JSON-serialisable).
+        or ``None``), ``wall_time_s`` and ``model`` (the trained module, unwrapped; not
+        JSON-serialisable).
     """
     want_cuda = config.device.startswith("cuda") or (
         config.device == "auto" and torch.cuda.is_available()
     )
     dist_info = D.setup("cuda" if want_cuda else "cpu")
     try:
-        return _train(config, model, data, dist_info)
+        run = _Run(config, dist_info)
+        run.setup(model, data)
+        run.resume_or_broadcast()
+        run.wrap()
+        run.open_logs()
+        t_run = time.perf_counter()
+        for epoch in range(run.start_epoch, run.last_epoch):
+            run.end_epoch(run.train_epoch(epoch))
+        return run.result(time.perf_counter() - t_run)
     finally:
         D.teardown(dist_info)
 
 
-def _train(config: TrainConfig, model, data, dist_info: D.DistInfo) -> dict[str, Any]:
-    device = resolve_device(config.device, dist_info)
-    if config.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    seed_everything(config.seed)
-    out_dir = Path(config.out_dir) if config.out_dir else None
-    main = dist_info.is_main
-    show = dist_info.is_main and (
-        config.progress if config.progress is not None else sys.stderr.isatty()
-    )
+class _Run:
+    """One training run: what its epochs share, and the steps :func:`train` takes in order."""
 
-    if data is None:
-        kw = dict(config.data_kwargs)
-        if config.augment is not None:
-            kw["augment"] = config.augment
-        kw.setdefault("num_workers", config.num_workers)  # folder datasets only
-        data = get_dataset(
-            config.dataset, root=config.data_root, device=device, download=config.download, **kw
+    def __init__(self, config: TrainConfig, dist_info: D.DistInfo) -> None:
+        self.config, self.dist = config, dist_info
+        self.device = resolve_device(config.device, dist_info.local_rank)
+        if config.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        self.main = dist_info.is_main
+        self.show = self.main and (
+            config.progress if config.progress is not None else sys.stderr.isatty()
         )
-    if model is None:
-        model = build_model(config, data)
-    model = unwrap(model).to(device)
-    model_cfg = get_config(model)
-    apply_trainable(model, config.trainable)
-    num_params = sum(p.numel() for p in model.parameters())
+        self.out_dir = Path(config.out_dir) if config.out_dir else None
+        self.ckpt_path = self.out_dir / "checkpoint.pt" if self.out_dir else None
+        self.start_epoch, self.history = 0, []
+        self.best: dict[str, Any] = {"acc": -1.0, "epoch": 0}
+        self.last_epoch = config.epochs
+        if config.stop_after_epoch is not None:
+            self.last_epoch = min(self.last_epoch, config.stop_after_epoch)
 
-    train_loader = data.loader(
-        "train", config.batch_size, seed=config.seed, rank=dist_info.rank,
-        world_size=dist_info.world_size,
-    )  # fmt: skip
-    test_bs = -(-config.test_batch_size // dist_info.world_size) * dist_info.world_size
-    test_loader = data.loader(
-        "test", test_bs, seed=config.seed, rank=dist_info.rank, world_size=dist_info.world_size
-    )
-    steps_per_epoch = len(train_loader)
-    if config.max_steps_per_epoch is not None:
-        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"the training set ({len(data.train)} samples) is smaller than one batch "
-            f"({config.batch_size})"
+    # -- setup: data, model, loaders, optimiser (the order fixes the RNG stream)
+    def setup(self, model: nn.Module | None, data: Data | None) -> None:
+        cfg = self.config
+        seed_everything(cfg.seed)
+        self.data = data if data is not None else self._load_data()
+        if model is None:
+            model = build_model(cfg, self.data)
+        self.model = unwrap(model).to(self.device)
+        self.model_cfg = get_config(self.model)
+        apply_trainable(self.model, cfg.trainable)
+        self.num_params = sum(p.numel() for p in self.model.parameters())
+        self._make_loaders()
+        self.optimizer = torch.optim.SGD(
+            param_groups(self.model, cfg),
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+            weight_decay=cfg.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda it: lr_factor(cfg, it, self.steps_per_epoch)
         )
 
-    optimizer = torch.optim.SGD(
-        param_groups(model, config),
-        lr=config.lr,
-        momentum=config.momentum,
-        nesterov=config.nesterov,
-        weight_decay=config.weight_decay,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: lr_factor(config, it, steps_per_epoch)
-    )
+    def _load_data(self) -> Data:
+        cfg = self.config
+        kw = dict(cfg.data_kwargs)
+        if cfg.augment is not None:
+            kw["augment"] = cfg.augment
+        kw.setdefault("num_workers", cfg.num_workers)  # folder datasets only
+        return get_dataset(
+            cfg.dataset, root=cfg.data_root, device=self.device, download=cfg.download, **kw
+        )
 
-    start_epoch, history, best = 0, [], {"acc": -1.0, "epoch": 0}
-    ckpt_path = out_dir / "checkpoint.pt" if out_dir else None
-    if config.resume and ckpt_path is not None and ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path)
-        saved_cfg = ckpt.get("model_config")
-        if saved_cfg and model_cfg and ModelConfig.from_dict(saved_cfg) != model_cfg:
+    def _make_loaders(self) -> None:
+        cfg, rank, ws = self.config, self.dist.rank, self.dist.world_size
+        self.train_loader = self.data.loader(
+            "train", cfg.batch_size, seed=cfg.seed, rank=rank, world_size=ws
+        )
+        test_bs = -(-cfg.test_batch_size // ws) * ws
+        self.test_loader = self.data.loader(
+            "test", test_bs, seed=cfg.seed, rank=rank, world_size=ws
+        )
+        steps = len(self.train_loader)
+        if cfg.max_steps_per_epoch is not None:
+            steps = min(steps, cfg.max_steps_per_epoch)
+        if steps < 1:
             raise ValueError(
-                f"incompatible checkpoint {ckpt_path}: it holds model {saved_cfg}, this run "
-                f"builds {model_cfg.to_dict()}; use another out_dir or resume=False"
+                f"the training set ({len(self.data.train)} samples) is smaller than one batch "
+                f"({cfg.batch_size})"
+            )
+        self.steps_per_epoch = steps
+
+    # -- resume (or, fresh under DDP, give every rank rank 0's initial weights)
+    def resume_or_broadcast(self) -> None:
+        if self.config.resume and self.ckpt_path is not None and self.ckpt_path.is_file():
+            self._resume(load_checkpoint(self.ckpt_path))
+        elif self.dist.enabled:
+            D.broadcast_parameters(self.model, self.dist)
+
+    def _resume(self, ckpt: dict[str, Any]) -> None:
+        path = self.ckpt_path
+        saved_cfg = ckpt.get("model_config")
+        if saved_cfg and self.model_cfg and ModelConfig.from_dict(saved_cfg) != self.model_cfg:
+            raise ValueError(
+                f"incompatible checkpoint {path}: it holds model {saved_cfg}, this run "
+                f"builds {self.model_cfg.to_dict()}; use another out_dir or resume=False"
             )
         try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise ValueError(f"incompatible checkpoint {ckpt_path}: {e}") from None
-        scheduler.load_state_dict(ckpt["scheduler"])
+            raise ValueError(f"incompatible checkpoint {path}: {e}") from None
+        self.scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"])
-        start_epoch, history, best = ckpt["epoch"], ckpt["history"], ckpt["best"]
-        if main:
-            log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
-    elif dist_info.enabled:
-        D.broadcast_parameters(model, dist_info)
+        self.start_epoch, self.history, self.best = ckpt["epoch"], ckpt["history"], ckpt["best"]
+        if self.main:
+            log.info("resumed from %s at epoch %d", path, self.start_epoch)
 
-    net: nn.Module = model
-    if dist_info.enabled:
-        ids = [device.index] if device.type == "cuda" else None
-        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    if config.compile:
-        net = torch.compile(net)
-    bf16 = config.bf16 and device.type == "cuda"
+    def wrap(self) -> None:
+        """The module the steps call: DDP under ``torchrun``, compiled with ``compile``."""
+        net: nn.Module = self.model
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if self.config.compile:
+            net = torch.compile(net)
+        self.net = net
+        self.bf16 = self.config.bf16 and self.device.type == "cuda"
 
-    if out_dir is not None and main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        meta = {"train_config": config.to_dict(), "model_config": _cfg_dict(model_cfg)}
-        (out_dir / "config.json").write_text(json.dumps(meta, indent=2, default=str))
-        # metrics.jsonl holds exactly the epochs of the checkpoint (drops a partial epoch)
-        with open(out_dir / "metrics.jsonl", "w") as f:
-            for h in history:
+    def open_logs(self) -> None:
+        """``config.json``, and ``metrics.jsonl`` cut to the checkpoint's epochs (a partly
+        written epoch is dropped)."""
+        if self.out_dir is None or not self.main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "train_config": self.config.to_dict(),
+            "model_config": _cfg_dict(self.model_cfg),
+        }
+        (self.out_dir / "config.json").write_text(json.dumps(meta, indent=2, default=str))
+        with open(self.out_dir / "metrics.jsonl", "w") as f:
+            for h in self.history:
                 f.write(json.dumps(h) + "\n")
 
-    t_run = time.perf_counter()
-    last_epoch = config.epochs
-    if config.stop_after_epoch is not None:
-        last_epoch = min(last_epoch, config.stop_after_epoch)
-    for epoch in range(start_epoch, last_epoch):
+    # -- one epoch
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """Train one epoch, evaluate, and return its metrics record."""
+        cfg, dev = self.config, self.device
         t0 = time.perf_counter()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        net.train()
-        train_loader.set_epoch(epoch)
-        if dist_info.enabled:  # per-rank random streams (dropout), a function of (seed, epoch)
-            torch.manual_seed(config.seed * 1_000_003 + 7919 * (epoch + 1) + dist_info.rank)
-        sums = torch.zeros(3, dtype=torch.float64, device=device)
-        bar = _progress(train_loader, steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}", show)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        self.net.train()
+        self.train_loader.set_epoch(epoch)
+        if self.dist.enabled:  # per-rank random streams (dropout), a function of (seed, epoch)
+            torch.manual_seed(cfg.seed * 1_000_003 + 7919 * (epoch + 1) + self.dist.rank)
+        sums = torch.zeros(3, dtype=torch.float64, device=dev)  # loss, correct, count
+        desc = f"epoch {epoch + 1}/{cfg.epochs}"
+        bar = _progress(self.train_loader, self.steps_per_epoch, desc, self.show)
         for step, (x, y) in enumerate(bar):
-            if step >= steps_per_epoch:
+            if step >= self.steps_per_epoch:
                 break
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                out = net(x)
-                loss = F.cross_entropy(out.float(), y, label_smoothing=config.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            out, loss = self._step(x, y)
             with torch.no_grad():
                 sums[0] += loss.detach().double() * len(y)
                 sums[1] += (out.argmax(1) == y).sum()
                 sums[2] += len(y)
-            if show and step % 20 == 0:
+            if self.show and step % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, step {step}")
-        D.all_reduce_sum(sums, dist_info)
+        D.all_reduce_sum(sums, self.dist)
         train_time = time.perf_counter() - t0
-        test = evaluate(model, test_loader, device, dist_info, bf16, config.max_eval_batches, show)
+        test = evaluate(
+            self.model, self.test_loader, dev, self.dist, self.bf16, cfg.max_eval_batches, self.show
+        )
+        return self._record(epoch, sums, test, t0, train_time)
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.net(x)  # (B, num_classes)
+            loss = F.cross_entropy(out.float(), y, label_smoothing=self.config.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return out, loss
+
+    def _record(self, epoch: int, sums, test, t0: float, train_time: float) -> dict[str, Any]:
         n = max(sums[2].item(), 1.0)
-        peak, peak_kind = _peak_memory(device)
-        rec = {
+        peak, peak_kind = peak_memory(self.device)
+        group = self.optimizer.param_groups[0]
+        return {
             "epoch": epoch + 1,
             "train_loss": sums[0].item() / n,
             "train_acc": sums[1].item() / n,
@@ -496,61 +496,72 @@ def _train(config: TrainConfig, model, data, dist_info: D.DistInfo) -> dict[str,
             "test_acc": test["acc"],
             "test_error": 1.0 - test["acc"],
             # base learning rate at the end of the epoch (group multipliers divided out)
-            "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_mult"],
-            "steps": steps_per_epoch,
+            "lr": group["lr"] / group["lr_mult"],
+            "steps": self.steps_per_epoch,
             "train_time_s": train_time,
             "epoch_time_s": time.perf_counter() - t0,
             "samples_per_s": n / max(train_time, 1e-9),
             "peak_mem_bytes": peak,
             "peak_mem_kind": peak_kind,
-            "world_size": dist_info.world_size,
+            "world_size": self.dist.world_size,
         }
-        if rec["test_acc"] > best["acc"]:
-            best = {"acc": rec["test_acc"], "epoch": epoch + 1}
-        history.append(rec)
-        if main:
+
+    # -- after each epoch: best, log, metrics line, checkpoint
+    def end_epoch(self, rec: dict[str, Any]) -> None:
+        epoch = rec["epoch"]
+        if rec["test_acc"] > self.best["acc"]:
+            self.best = {"acc": rec["test_acc"], "epoch": epoch}
+        self.history.append(rec)
+        if self.main:
             log.info(
                 "epoch %d/%d train loss %.4f acc %.4f | test loss %.4f acc %.4f | %.1fs",
-                epoch + 1, config.epochs, rec["train_loss"], rec["train_acc"], rec["test_loss"],
+                epoch, self.config.epochs, rec["train_loss"], rec["train_acc"], rec["test_loss"],
                 rec["test_acc"], rec["epoch_time_s"],
             )  # fmt: skip
-        if out_dir is not None and main:
-            with open(out_dir / "metrics.jsonl", "a") as f:
+        if self.out_dir is not None and self.main:
+            with open(self.out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
-            if config.checkpoint:
-                _atomic_save(
-                    {
-                        "format": CHECKPOINT_FORMAT,
-                        "epoch": epoch + 1,
-                        "model": model.state_dict(),
-                        "model_config": _cfg_dict(model_cfg),
-                        "train_config": config.to_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "rng": rng_state(),
-                        "history": history,
-                        "best": best,
-                        "torch_version": torch.__version__,
-                    },
-                    ckpt_path,
-                )
-        D.barrier(dist_info)
+            if self.config.checkpoint:
+                self.save_checkpoint(epoch)
+        D.barrier(self.dist)
 
-    return {
-        "history": history,
-        "final": history[-1] if history else None,
-        "best_test_acc": best["acc"] if history else None,
-        "best_test_error": 1.0 - best["acc"] if history else None,
-        "best_epoch": best["epoch"] if history else None,
-        "epochs_done": len(history),
-        "num_params": num_params,
-        "model_config": _cfg_dict(model_cfg),
-        "train_config": config.to_dict(),
-        "out_dir": str(out_dir) if out_dir else None,
-        "checkpoint": str(ckpt_path) if ckpt_path and config.checkpoint else None,
-        "wall_time_s": time.perf_counter() - t_run,
-        "model": model,
-    }
+    def save_checkpoint(self, epoch: int) -> None:
+        """The state after ``epoch`` epochs, atomically to ``<out_dir>/checkpoint.pt``."""
+        atomic_save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "epoch": epoch,
+                "model": self.model.state_dict(),
+                "model_config": _cfg_dict(self.model_cfg),
+                "train_config": self.config.to_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": rng_state(),
+                "history": self.history,
+                "best": self.best,
+                "torch_version": torch.__version__,
+            },
+            self.ckpt_path,
+        )
+
+    def result(self, wall_time_s: float) -> dict[str, Any]:
+        h, best = self.history, self.best
+        ckpt = str(self.ckpt_path) if self.ckpt_path and self.config.checkpoint else None
+        return {
+            "history": h,
+            "final": h[-1] if h else None,
+            "best_test_acc": best["acc"] if h else None,
+            "best_test_error": 1.0 - best["acc"] if h else None,
+            "best_epoch": best["epoch"] if h else None,
+            "epochs_done": len(h),
+            "num_params": self.num_params,
+            "model_config": _cfg_dict(self.model_cfg),
+            "train_config": self.config.to_dict(),
+            "out_dir": str(self.out_dir) if self.out_dir else None,
+            "checkpoint": ckpt,
+            "wall_time_s": wall_time_s,
+            "model": self.model,
+        }
 
 
 def _cfg_dict(cfg: ModelConfig | None) -> dict[str, Any] | None:
