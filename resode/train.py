@@ -44,6 +44,7 @@ from torch import nn
 from . import distributed as D
 from .checkpoint import (
     CHECKPOINT_FORMAT,
+    CheckpointError,
     atomic_save,
     load_checkpoint,
     model_from_checkpoint,
@@ -57,6 +58,7 @@ from .utils import peak_memory, resolve_device, seed_everything
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "CheckpointError",
     "TrainConfig",
     "apply_trainable",
     "build_model",
@@ -297,6 +299,9 @@ def train(
         ``num_params``, ``model_config``, ``train_config``, ``out_dir``, ``checkpoint`` (path
         or ``None``), ``wall_time_s`` and ``model`` (the trained module, unwrapped; not
         JSON-serialisable).
+
+    Raises:
+        resode.checkpoint.CheckpointError: ``resume=True`` and the checkpoint is unreadable.
     """
     want_cuda = config.device.startswith("cuda") or (
         config.device == "auto" and torch.cuda.is_available()

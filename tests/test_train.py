@@ -16,6 +16,7 @@ import torch
 
 from resode import data as D
 from resode import models as M
+from resode.checkpoint import CheckpointError, load_checkpoint
 from resode.train import (
     TrainConfig,
     build_model,
@@ -148,6 +149,41 @@ def test_clear_errors(tmp_path):
         train(_cfg(trainable=["layer9"]))
     with pytest.raises(D.DatasetNotFoundError):
         train(_cfg(dataset="cifar10", data_root=str(tmp_path), download=False))
+
+
+def _ckpt_file(tmp_path) -> Path:
+    out = tmp_path / "good"
+    train(_cfg(epochs=1, out_dir=str(out)))
+    return out / "checkpoint.pt"
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "garbage", "pickle", "missing_keys"])
+def test_unreadable_checkpoint_raises_one_error_naming_the_file(tmp_path, kind):
+    good = _ckpt_file(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    bad = run / "checkpoint.pt"
+    raw = good.read_bytes()
+    if kind == "empty":
+        bad.write_bytes(b"")
+    elif kind == "truncated":
+        bad.write_bytes(raw[: len(raw) // 2])
+    elif kind == "garbage":
+        bad.write_bytes(bytes(range(256)) * 10)
+    elif kind == "pickle":  # a readable file that is not a resode checkpoint
+        torch.save({"weights": torch.zeros(2)}, bad)
+    else:
+        ckpt = torch.load(good, weights_only=False)
+        del ckpt["optimizer"]
+        torch.save(ckpt, bad)
+    for load in (load_checkpoint, model_from_checkpoint):
+        with pytest.raises(CheckpointError) as e:
+            load(bad)
+        assert str(bad) in str(e.value) and "resume=False" in str(e.value)
+        assert e.value.path == bad and isinstance(e.value, ValueError)
+    with pytest.raises(CheckpointError, match="unreadable checkpoint"):
+        train(_cfg(epochs=1, out_dir=str(run), resume=True))
+    assert bad.read_bytes() != raw  # the bad file is left for the user to look at
 
 
 _DDP_WORKER = textwrap.dedent(
