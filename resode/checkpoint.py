@@ -8,7 +8,7 @@ A checkpoint written by :func:`resode.train.train` is a dict with ``format`` (
 :data:`CHECKPOINT_FORMAT`), ``epoch``, ``model`` (state dict), ``model_config`` (the
 :class:`~resode.models.ModelConfig` as a dict, so the file alone rebuilds the model),
 ``train_config``, ``optimizer``, ``scheduler``, ``rng`` (:func:`rng_state`), ``history``,
-``best`` and ``torch_version``. See docs/design.md, "Models and training".
+``best``, ``resumes`` and ``torch_version``. See docs/design.md, "Models and training".
 
 Every way a checkpoint can be unreadable (missing, empty, truncated, garbage, another format)
 raises :class:`CheckpointError`, a ``ValueError`` that names the file and says what to do.
@@ -49,6 +49,12 @@ class CheckpointError(ValueError):
                 "run afresh with resume=False."
             )
         super().__init__(f"unreadable checkpoint {self.path}: {problem}. {hint}")
+
+
+class ResumeMismatchError(ValueError):
+    """A run cannot resume from its checkpoint: the new config (or model) changes what the
+    checkpoint's run was. The message lists each difference and what to do (another
+    ``out_dir``, or start afresh with ``resume=False``). The checkpoint itself is fine."""
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:

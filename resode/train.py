@@ -16,7 +16,8 @@
 * Every epoch: metrics appended to ``<out_dir>/metrics.jsonl`` and a checkpoint written
   atomically to ``<out_dir>/checkpoint.pt`` (:mod:`resode.checkpoint`: model config + train
   config + model, optimizer, scheduler and RNG states). ``resume=True`` continues from it and
-  ends in the same state as an uninterrupted run (bitwise on CPU).
+  ends in the same state as an uninterrupted run (bitwise on CPU). A resume whose config changes
+  the run (model, data, seed, optimiser, schedule...) is refused; see :func:`resume_changes`.
 * Under ``torchrun`` the model is wrapped in DistributedDataParallel, every rank takes a slice
   of each global batch (``batch_size`` is the global batch), rank 0 logs and checkpoints.
 
@@ -45,6 +46,7 @@ from . import distributed as D
 from .checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
+    ResumeMismatchError,
     atomic_save,
     load_checkpoint,
     model_from_checkpoint,
@@ -58,7 +60,10 @@ from .utils import peak_memory, resolve_device, seed_everything
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "CHANGEABLE_FIELDS",
     "CheckpointError",
+    "RUN_FIELDS",
+    "ResumeMismatchError",
     "TrainConfig",
     "apply_trainable",
     "build_model",
@@ -67,6 +72,7 @@ __all__ = [
     "lr_factor",
     "model_from_checkpoint",
     "param_groups",
+    "resume_changes",
     "rng_state",
     "seed_everything",
     "set_rng_state",
@@ -105,7 +111,8 @@ class TrainConfig:
         compile: ``torch.compile`` the model.
         out_dir: where ``config.json``, ``metrics.jsonl`` and ``checkpoint.pt`` go
             (``None``: nothing is written).
-        resume: continue from ``<out_dir>/checkpoint.pt`` if it exists.
+        resume: continue from ``<out_dir>/checkpoint.pt`` if it exists; refused when the
+            config changes the run (:func:`resume_changes`).
         checkpoint: write a checkpoint every epoch (needs ``out_dir``).
         max_steps_per_epoch, max_eval_batches: cap the work per epoch (smoke runs).
         stop_after_epoch: return after this epoch even if ``epochs`` is larger (preemption
@@ -170,6 +177,96 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}")
         return cls(**d)
+
+
+# ----------------------------------------------------------------------------- resume policy
+#: Fields that define the run: resuming with another value is refused (:func:`resume_changes`).
+RUN_FIELDS = (
+    "model", "model_kwargs", "dataset", "data_kwargs", "augment", "seed", "batch_size",
+    "max_steps_per_epoch", "lr", "momentum", "nesterov", "weight_decay", "schedule",
+    "step_size", "milestones", "gamma", "warmup_epochs", "stage_lr_mult", "trainable",
+    "label_smoothing",
+)  # fmt: skip
+#: Fields a resume may change; each change (but of ``resume`` itself) is recorded (``resumes``
+#: in the checkpoint, in ``config.json`` and in the result of :func:`train`).
+CHANGEABLE_FIELDS = (
+    "epochs", "stop_after_epoch", "data_root", "download", "test_batch_size",
+    "max_eval_batches", "device", "bf16", "compile", "deterministic", "num_workers",
+    "progress", "out_dir", "resume", "checkpoint",
+)  # fmt: skip
+
+
+def _canonical(v: Any) -> Any:
+    """``v`` as JSON would give it back (tuples become lists), so equal settings compare equal."""
+    return json.loads(json.dumps(v, sort_keys=True, default=str))
+
+
+def resume_changes(
+    saved: dict[str, Any], config: TrainConfig
+) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
+    """Compare the train config stored in a checkpoint with the config of a resume.
+
+    Returns ``(refused, allowed)``: ``{field: (checkpoint value, new value)}`` for the fields
+    that differ, split by policy. A field missing from ``saved`` (an older checkpoint) counts
+    as its default. The policy, field by field:
+
+    ======================================  ==========  ==========================================
+    field                                   on resume   why
+    ======================================  ==========  ==========================================
+    model, model_kwargs                     must match  the network (its ModelConfig is compared
+                                                        too, also when a built model is passed)
+    dataset, data_kwargs, augment           must match  the data the run learns from
+    seed                                    must match  initialisation and data order
+    batch_size, max_steps_per_epoch         must match  the steps of an epoch (the schedule counts
+                                                        iterations)
+    lr, momentum, nesterov, weight_decay    must match  the optimiser
+    schedule, step_size, milestones,        must match  the learning-rate schedule (compared even
+    gamma, warmup_epochs                                when the schedule does not use them)
+    stage_lr_mult, trainable                must match  the parameter groups of the optimiser
+    label_smoothing                         must match  the loss
+    epochs                                  may change  see below; fewer than the epochs already
+                                                        done is refused
+    stop_after_epoch                        may change  where this invocation stops
+    data_root, download                     may change  where the files are (same dataset)
+    test_batch_size, max_eval_batches       may change  evaluation only: later epochs' test metrics
+                                                        may cover another part of the test set
+    device, bf16, compile, deterministic,   may change  how the same run is computed (to move a
+    num_workers                                         run to another machine); the resumed run
+                                                        is bitwise equal to an uninterrupted one
+                                                        only with the same values
+    progress, out_dir, checkpoint           may change  bookkeeping
+    resume                                  ignored     it is True on every resume
+    ======================================  ==========  ==========================================
+
+    A changed ``epochs`` means "continue with the schedule of the new total": the epochs done
+    keep the learning rates they had, and the remaining iterations follow the schedule as if
+    the run had been configured with the new ``epochs`` from the start. ``step``,
+    ``multistep``, ``constant`` and the warm-up do not depend on ``epochs``, so there more
+    epochs simply continue the run. The cosine schedule does: its learning rate jumps at the
+    resume point from the old curve to the new one (e.g. 2 -> 4 epochs, resumed after epoch 2:
+    from ``0`` to ``0.5 * lr``), a warm restart; the result is not the run a 4-epoch config
+    would have given.
+    """
+    defaults = TrainConfig().to_dict()
+    new = config.to_dict()
+    refused: dict[str, tuple[Any, Any]] = {}
+    allowed: dict[str, tuple[Any, Any]] = {}
+    for name in RUN_FIELDS + CHANGEABLE_FIELDS:
+        if name == "resume":
+            continue
+        old = saved.get(name, defaults[name])
+        if _canonical(old) != _canonical(new[name]):
+            (refused if name in RUN_FIELDS else allowed)[name] = (old, new[name])
+    return refused, allowed
+
+
+def _mismatch(path: Path, differences: list[str]) -> ResumeMismatchError:
+    lines = "\n".join(f"  {d}" for d in differences)
+    return ResumeMismatchError(
+        f"cannot resume from {path}: incompatible checkpoint, the run it holds differs from "
+        f"this one in\n{lines}\nUse another out_dir for the new run, or start afresh in "
+        f"{path.parent} with resume=False (which overwrites the checkpoint)."
+    )
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -296,12 +393,15 @@ def train(
     Returns:
         dict with ``history`` (one metrics dict per epoch), ``final`` (the last one),
         ``best_test_acc``, ``best_test_error``, ``best_epoch`` (1-based), ``epochs_done``,
-        ``num_params``, ``model_config``, ``train_config``, ``out_dir``, ``checkpoint`` (path
+        ``num_params``, ``model_config``, ``train_config``, ``resumes`` (one record per resume:
+        the epoch it started from and the allowed changes), ``out_dir``, ``checkpoint`` (path
         or ``None``), ``wall_time_s`` and ``model`` (the trained module, unwrapped; not
         JSON-serialisable).
 
     Raises:
         resode.checkpoint.CheckpointError: ``resume=True`` and the checkpoint is unreadable.
+        resode.checkpoint.ResumeMismatchError: ``resume=True`` and the config (or model)
+            changes the run the checkpoint holds (:func:`resume_changes`).
     """
     want_cuda = config.device.startswith("cuda") or (
         config.device == "auto" and torch.cuda.is_available()
@@ -336,7 +436,7 @@ class _Run:
         )
         self.out_dir = Path(config.out_dir) if config.out_dir else None
         self.ckpt_path = self.out_dir / "checkpoint.pt" if self.out_dir else None
-        self.start_epoch, self.history = 0, []
+        self.start_epoch, self.history, self.resumes = 0, [], []
         self.best: dict[str, Any] = {"acc": -1.0, "epoch": 0}
         self.last_epoch = config.epochs
         if config.stop_after_epoch is not None:
@@ -402,23 +502,36 @@ class _Run:
             D.broadcast_parameters(self.model, self.dist)
 
     def _resume(self, ckpt: dict[str, Any]) -> None:
-        path = self.ckpt_path
-        saved_cfg = ckpt.get("model_config")
-        if saved_cfg and self.model_cfg and ModelConfig.from_dict(saved_cfg) != self.model_cfg:
-            raise ValueError(
-                f"incompatible checkpoint {path}: it holds model {saved_cfg}, this run "
-                f"builds {self.model_cfg.to_dict()}; use another out_dir or resume=False"
-            )
+        cfg, path = self.config, self.ckpt_path
+        refused, allowed = resume_changes(ckpt.get("train_config") or {}, cfg)
+        diffs = [f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items()]
+        saved_model = ckpt.get("model_config")
+        if saved_model and self.model_cfg and ModelConfig.from_dict(saved_model) != self.model_cfg:
+            diffs.append(f"model config: {saved_model} -> {self.model_cfg.to_dict()}")
+        if cfg.epochs < ckpt["epoch"]:
+            diffs.append(f"epochs: {cfg.epochs} is fewer than the {ckpt['epoch']} already done")
+        if diffs:
+            raise _mismatch(path, diffs)
         try:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise ValueError(f"incompatible checkpoint {path}: {e}") from None
+            raise _mismatch(path, [f"model or optimiser state: {e}"]) from None
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        if "epochs" in allowed:  # the next step's learning rate follows the new schedule
+            it = self.scheduler.last_epoch
+            for g, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+                g["lr"] = base * lr_factor(cfg, it, self.steps_per_epoch)
         set_rng_state(ckpt["rng"])
         self.start_epoch, self.history, self.best = ckpt["epoch"], ckpt["history"], ckpt["best"]
+        changes = {k: [old, new] for k, (old, new) in allowed.items()}
+        self.resumes = [*ckpt.get("resumes", []), {"epoch": self.start_epoch, "changes": changes}]
         if self.main:
-            log.info("resumed from %s at epoch %d", path, self.start_epoch)
+            log.info("resumed from %s at epoch %d; changes: %s", path, self.start_epoch, changes)
+            if "epochs" in allowed and cfg.schedule == "cosine":
+                old, new = allowed["epochs"]
+                msg = "epochs %s -> %s: the cosine schedule jumps to its new curve at epoch %d"
+                log.warning(msg, old, new, self.start_epoch)
 
     def wrap(self) -> None:
         """The module the steps call: DDP under ``torchrun``, compiled with ``compile``."""
@@ -440,6 +553,7 @@ class _Run:
         meta = {
             "train_config": self.config.to_dict(),
             "model_config": _cfg_dict(self.model_cfg),
+            "resumes": self.resumes,
         }
         (self.out_dir / "config.json").write_text(json.dumps(meta, indent=2, default=str))
         with open(self.out_dir / "metrics.jsonl", "w") as f:
@@ -544,6 +658,7 @@ class _Run:
                 "rng": rng_state(),
                 "history": self.history,
                 "best": self.best,
+                "resumes": self.resumes,
                 "torch_version": torch.__version__,
             },
             self.ckpt_path,
@@ -562,6 +677,7 @@ class _Run:
             "num_params": self.num_params,
             "model_config": _cfg_dict(self.model_cfg),
             "train_config": self.config.to_dict(),
+            "resumes": self.resumes,
             "out_dir": str(self.out_dir) if self.out_dir else None,
             "checkpoint": ckpt,
             "wall_time_s": wall_time_s,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -16,8 +17,10 @@ import torch
 
 from resode import data as D
 from resode import models as M
-from resode.checkpoint import CheckpointError, load_checkpoint
+from resode.checkpoint import CheckpointError, ResumeMismatchError, load_checkpoint
 from resode.train import (
+    CHANGEABLE_FIELDS,
+    RUN_FIELDS,
     TrainConfig,
     build_model,
     lr_factor,
@@ -184,6 +187,78 @@ def test_unreadable_checkpoint_raises_one_error_naming_the_file(tmp_path, kind):
     with pytest.raises(CheckpointError, match="unreadable checkpoint"):
         train(_cfg(epochs=1, out_dir=str(run), resume=True))
     assert bad.read_bytes() != raw  # the bad file is left for the user to look at
+
+
+def test_resume_policy_covers_every_field():
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert sorted(RUN_FIELDS + CHANGEABLE_FIELDS) == sorted(names)
+    assert not set(RUN_FIELDS) & set(CHANGEABLE_FIELDS)
+
+
+@pytest.mark.parametrize(
+    "change, expect",
+    [
+        (dict(lr=0.1), "lr: 0.05 -> 0.1"),
+        (dict(seed=1), "seed: 0 -> 1"),
+        (dict(batch_size=16), "batch_size: 32 -> 16"),
+        (dict(data_kwargs={**SYN, "num_train": 64}), "data_kwargs"),
+        (dict(schedule="constant", weight_decay=0.0), "schedule: 'cosine' -> 'constant'"),
+        (dict(epochs=1), "epochs: 1 is fewer than the 2 already done"),
+    ],
+)
+def test_resume_refuses_a_changed_run(tmp_path, change, expect):
+    out = tmp_path / "run"
+    train(_cfg(out_dir=str(out), stop_after_epoch=2))
+    before = {n: (out / n).read_bytes() for n in ("checkpoint.pt", "config.json", "metrics.jsonl")}
+    with pytest.raises(ResumeMismatchError) as e:
+        train(_cfg(out_dir=str(out), resume=True, **change))
+    msg = str(e.value)
+    assert expect in msg and str(out / "checkpoint.pt") in msg
+    assert "another out_dir" in msg and "resume=False" in msg
+    if len(change) == 2:
+        assert "weight_decay: 0.0005 -> 0.0" in msg  # every difference is listed
+    # nothing was trained, nothing was rewritten with the refused values
+    assert {n: (out / n).read_bytes() for n in before} == before
+
+
+def test_resume_with_more_epochs_is_recorded_and_continues_the_schedule(tmp_path, monkeypatch):
+    drop = ("train_time_s", "epoch_time_s", "samples_per_s", "peak_mem_bytes")
+
+    def strip(history):
+        return [{k: v for k, v in h.items() if k not in drop} for h in history]
+
+    # schedules that do not depend on `epochs`: 2 epochs then 2 more == 4 epochs in one go
+    kw = dict(schedule="step", step_size=1, gamma=0.5)
+    full = train(_cfg(epochs=4, **kw))
+    out = str(tmp_path / "step")
+    train(_cfg(epochs=2, out_dir=out, **kw))
+    more = train(_cfg(epochs=4, out_dir=out, resume=True, progress=True, **kw))
+    assert strip(more["history"]) == strip(full["history"])
+    for k, v in full["model"].state_dict().items():
+        assert torch.equal(v, more["model"].state_dict()[k]), k
+    record = {"epoch": 2, "changes": {"epochs": [2, 4], "progress": [False, True]}}
+    assert more["resumes"] == [record]
+    assert load_checkpoint(Path(out) / "checkpoint.pt")["resumes"] == [record]
+    meta = json.loads((Path(out) / "config.json").read_text())
+    assert meta["resumes"] == [record] and meta["train_config"]["epochs"] == 4
+    # cosine: every resumed step uses the cosine of the new total (a jump from 0 to 0.5 lr)
+    out = str(tmp_path / "cos")
+    first = train(_cfg(epochs=2, out_dir=out))
+    assert first["final"]["lr"] == pytest.approx(0.0, abs=1e-12)
+    used = []
+    step = torch.optim.SGD.step
+
+    def spy(self, *a, **k):
+        used.append(self.param_groups[0]["lr"])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", spy)
+    more = train(_cfg(epochs=4, out_dir=out, resume=True))
+    steps = more["history"][0]["steps"]
+    new = _cfg(epochs=4)
+    expect = [0.05 * lr_factor(new, it, steps) for it in range(2 * steps, 4 * steps)]
+    assert used == pytest.approx(expect, rel=1e-12, abs=0) and used[0] == pytest.approx(0.025)
+    assert strip(more["history"][:2]) == strip(first["history"])
 
 
 _DDP_WORKER = textwrap.dedent(
