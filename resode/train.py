@@ -32,12 +32,15 @@ import dataclasses
 import json
 import logging
 import math
+import numbers
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -88,6 +91,10 @@ SCHEDULES = ("cosine", "step", "multistep", "constant")
 class TrainConfig:
     """Everything a training run depends on; stored in every checkpoint.
 
+    Every field is checked when the config is made: a value that cannot work raises
+    ``ValueError`` with one line per problem. Whether a CUDA device is present is checked when
+    :func:`train` starts (a config may be written on one machine and run on another).
+
     Attributes:
         model, model_kwargs: registry name and arguments (``resode.models.create``). When a
             built model is passed to :func:`train`, its own config is stored instead.
@@ -111,10 +118,11 @@ class TrainConfig:
         compile: ``torch.compile`` the model.
         out_dir: where ``config.json``, ``metrics.jsonl`` and ``checkpoint.pt`` go
             (``None``: nothing is written).
-        resume: continue from ``<out_dir>/checkpoint.pt`` if it exists; refused when the
-            config changes the run (:func:`resume_changes`).
+        resume: continue from ``<out_dir>/checkpoint.pt`` if it exists (needs ``out_dir``);
+            refused when the config changes the run (:func:`resume_changes`).
         checkpoint: write a checkpoint every epoch (needs ``out_dir``).
-        max_steps_per_epoch, max_eval_batches: cap the work per epoch (smoke runs).
+        max_steps_per_epoch, max_eval_batches: cap the work per epoch (smoke runs; positive,
+            or ``None`` for the whole split).
         stop_after_epoch: return after this epoch even if ``epochs`` is larger (preemption
             tests; the schedule still spans ``epochs``).
         num_workers: DataLoader workers (folder datasets only).
@@ -158,14 +166,15 @@ class TrainConfig:
     progress: bool | None = None
 
     def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
-        if isinstance(self.stage_lr_mult, str) and self.stage_lr_mult != "depth":
-            raise ValueError(
-                f"stage_lr_mult must be a number or 'depth', got {self.stage_lr_mult!r}"
-            )
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be positive")
+        if isinstance(self.device, torch.device):
+            self.device = str(self.device)
+        if isinstance(self.out_dir, os.PathLike):
+            self.out_dir = os.fspath(self.out_dir)
+        problems = _config_problems(self)
+        if len(problems) == 1:
+            raise ValueError(f"TrainConfig: {problems[0]}")
+        if problems:
+            raise ValueError("TrainConfig:\n  " + "\n  ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -177,6 +186,100 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}")
         return cls(**d)
+
+
+# ----------------------------------------------------------------------------- validation
+def _is_int(v: Any) -> bool:  # numpy integers count, booleans do not
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) and math.isfinite(v)
+
+
+#: Optional positive integers: what the number counts, and what ``None`` means.
+_OPTIONAL_COUNTS = {
+    "max_steps_per_epoch": ("number of steps", "the whole training set"),
+    "max_eval_batches": ("number of test batches", "the whole test set"),
+    "stop_after_epoch": ("epoch number", "run to `epochs`"),
+}
+#: Numbers with their admissible range: (low, low included, high, high included).
+_RANGES = {
+    "lr": (0.0, False, math.inf, False),
+    "momentum": (0.0, True, 1.0, False),
+    "weight_decay": (0.0, True, math.inf, False),
+    "gamma": (0.0, False, math.inf, False),
+    "warmup_epochs": (0.0, True, math.inf, False),
+    "label_smoothing": (0.0, True, 1.0, True),
+}
+
+
+def _range_text(lo: float, lo_in: bool, hi: float, hi_in: bool) -> str:
+    if hi == math.inf:
+        return f"a finite number {'>=' if lo_in else '>'} {lo:g}"
+    return f"a number in {'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+
+
+def _device_problem(device: Any) -> str | None:
+    msg = f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}"
+    if device == "auto":
+        return None
+    if not isinstance(device, str):
+        return msg
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        return msg
+    return None if dev.type in ("cpu", "cuda") else msg
+
+
+def _config_problems(c: TrainConfig) -> list[str]:
+    """One line for each field of ``c`` whose value cannot work."""
+    p = []
+    for name in ("model", "dataset"):
+        if not isinstance(getattr(c, name), str) or not getattr(c, name):
+            p.append(f"{name} must be a registry name (a string), got {getattr(c, name)!r}")
+    for name in ("model_kwargs", "data_kwargs"):
+        if not isinstance(getattr(c, name), dict):
+            p.append(f"{name} must be a dict, got {getattr(c, name)!r}")
+    for name in ("epochs", "batch_size", "test_batch_size", "step_size"):
+        v = getattr(c, name)
+        if not _is_int(v) or v < 1:
+            p.append(f"{name} must be an integer >= 1, got {v!r}")
+    for name, (what, none) in _OPTIONAL_COUNTS.items():
+        v = getattr(c, name)
+        if v is not None and (not _is_int(v) or v < 1):
+            p.append(f"{name} must be a positive {what}, or None for {none}; got {v!r}")
+    for name, (lo, lo_in, hi, hi_in) in _RANGES.items():
+        v = getattr(c, name)
+        ok = _is_number(v) and (lo <= v if lo_in else lo < v) and (v <= hi if hi_in else v < hi)
+        if not ok:
+            p.append(f"{name} must be {_range_text(lo, lo_in, hi, hi_in)}, got {v!r}")
+    if c.nesterov and _is_number(c.momentum) and c.momentum == 0:
+        p.append("nesterov=True needs momentum > 0")
+    if c.schedule not in SCHEDULES:
+        p.append(f"unknown schedule {c.schedule!r}; choose one of {SCHEDULES}")
+    if not isinstance(c.milestones, (list, tuple)) or not all(
+        _is_int(m) and m >= 0 for m in c.milestones
+    ):
+        p.append(f"milestones must be a list of epochs (integers >= 0), got {c.milestones!r}")
+    if c.stage_lr_mult != "depth" and not (_is_number(c.stage_lr_mult) and c.stage_lr_mult >= 0):
+        p.append(f"stage_lr_mult must be a number >= 0 or 'depth', got {c.stage_lr_mult!r}")
+    if c.trainable is not None and (
+        not isinstance(c.trainable, (list, tuple))
+        or not all(isinstance(t, str) for t in c.trainable)
+    ):
+        p.append(f"trainable must be a list of module names (e.g. ['layer3']) or None, got "
+                 f"{c.trainable!r}")  # fmt: skip
+    if not _is_int(c.seed):
+        p.append(f"seed must be an integer, got {c.seed!r}")
+    if not _is_int(c.num_workers) or c.num_workers < 0:
+        p.append(f"num_workers must be an integer >= 0, got {c.num_workers!r}")
+    if (msg := _device_problem(c.device)) is not None:
+        p.append(msg)
+    if c.resume and c.out_dir is None:
+        p.append("resume=True needs an out_dir (the folder that holds checkpoint.pt)")
+    return p
 
 
 # ----------------------------------------------------------------------------- resume policy
@@ -355,7 +458,10 @@ def evaluate(
     max_batches: int | None = None,
     progress: bool = False,
 ) -> dict[str, float]:
-    """Mean loss and accuracy of ``model`` over ``loader`` (summed over ranks)."""
+    """Mean loss and accuracy of ``model`` over ``loader`` (summed over ranks); at most
+    ``max_batches`` batches (positive, or ``None`` for all)."""
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be positive or None (all batches), got {max_batches}")
     dist_info = dist_info or D.DistInfo()
     was_training = model.training
     model.eval()
@@ -394,8 +500,9 @@ def train(
         dict with ``history`` (one metrics dict per epoch), ``final`` (the last one),
         ``best_test_acc``, ``best_test_error``, ``best_epoch`` (1-based), ``epochs_done``,
         ``num_params``, ``model_config``, ``train_config``, ``resumes`` (one record per resume:
-        the epoch it started from and the allowed changes), ``out_dir``, ``checkpoint`` (path
-        or ``None``), ``wall_time_s`` and ``model`` (the trained module, unwrapped; not
+        the epoch it started from and the allowed changes), ``data_dir`` (the folder the data
+        was read from, :attr:`resode.data.Data.root`), ``out_dir``, ``checkpoint`` (path or
+        ``None``), ``wall_time_s`` and ``model`` (the trained module, unwrapped; not
         JSON-serialisable).
 
     Raises:
@@ -553,6 +660,7 @@ class _Run:
         meta = {
             "train_config": self.config.to_dict(),
             "model_config": _cfg_dict(self.model_cfg),
+            "data_dir": getattr(self.data, "root", None),
             "resumes": self.resumes,
         }
         (self.out_dir / "config.json").write_text(json.dumps(meta, indent=2, default=str))
@@ -678,6 +786,7 @@ class _Run:
             "model_config": _cfg_dict(self.model_cfg),
             "train_config": self.config.to_dict(),
             "resumes": self.resumes,
+            "data_dir": getattr(self.data, "root", None),
             "out_dir": str(self.out_dir) if self.out_dir else None,
             "checkpoint": ckpt,
             "wall_time_s": wall_time_s,

@@ -23,6 +23,7 @@ from resode.train import (
     RUN_FIELDS,
     TrainConfig,
     build_model,
+    evaluate,
     lr_factor,
     model_from_checkpoint,
     param_groups,
@@ -259,6 +260,45 @@ def test_resume_with_more_epochs_is_recorded_and_continues_the_schedule(tmp_path
     expect = [0.05 * lr_factor(new, it, steps) for it in range(2 * steps, 4 * steps)]
     assert used == pytest.approx(expect, rel=1e-12, abs=0) and used[0] == pytest.approx(0.025)
     assert strip(more["history"][:2]) == strip(first["history"])
+
+
+def test_config_rejects_values_that_cannot_work():
+    cases = {
+        "max_steps_per_epoch": (0, "max_steps_per_epoch must be a positive number of steps"),
+        "max_eval_batches": (0, "max_eval_batches must be a positive number of test batches"),
+        "lr": (-0.1, "lr must be a finite number > 0, got -0.1"),
+        "device": ("tpu", "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
+        "epochs": (0, "epochs must be an integer >= 1, got 0"),
+        "momentum": (1.5, "momentum must be a number in [0, 1), got 1.5"),
+        "label_smoothing": (2.0, "label_smoothing must be a number in [0, 1], got 2.0"),
+        "trainable": ("layer3", "trainable must be a list of module names"),
+        "warmup_epochs": (float("nan"), "warmup_epochs must be a finite number >= 0"),
+        "stop_after_epoch": (0, "stop_after_epoch must be a positive epoch number"),
+        "seed": (1.5, "seed must be an integer, got 1.5"),
+    }
+    for name, (value, msg) in cases.items():
+        with pytest.raises(ValueError) as e:
+            TrainConfig(**{name: value})
+        assert str(e.value) == f"TrainConfig: {msg}" or str(e.value).startswith(
+            f"TrainConfig: {msg}"
+        ), (name, str(e.value))
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="nesterov=True needs momentum > 0"):
+        TrainConfig(nesterov=True, momentum=0.0)
+    with pytest.raises(ValueError, match="resume=True needs an out_dir"):
+        TrainConfig(resume=True)
+    with pytest.raises(ValueError) as e:  # several problems: one line each
+        TrainConfig(lr=0.0, batch_size=0, max_eval_batches=-1)
+    assert len(str(e.value).splitlines()) == 4
+    assert TrainConfig(device=torch.device("cpu")).device == "cpu"
+    data = D.synthetic(**SYN)
+    with pytest.raises(ValueError, match="max_batches must be positive"):
+        evaluate(
+            build_model(_cfg(), data), data.loader("test", 8), torch.device("cpu"), max_batches=0
+        )
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            train(_cfg(device="cuda"))
 
 
 _DDP_WORKER = textwrap.dedent(
