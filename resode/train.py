@@ -12,6 +12,8 @@
   ``constant``, with optional linear warm-up; all applied per iteration.
 * ``trainable``: train only some modules (e.g. ``["layer3"]`` for Table 2's fine-tuning).
 * Seeding of python, numpy, torch and CUDA; the data order is a function of (seed, epoch).
+  The same config gives bitwise-identical results twice on the CPU, in one process or in two,
+  when the number of intra-op threads is the same (``num_threads`` fixes it for the run).
 * bfloat16 autocast on CUDA (``bf16``), ``torch.compile`` (``compile``).
 * Every epoch: metrics appended to ``<out_dir>/metrics.jsonl`` and a checkpoint written
   atomically to ``<out_dir>/checkpoint.pt`` (:mod:`resode.checkpoint`: model config + train
@@ -28,6 +30,7 @@ docs/design.md, "Models and training".
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -36,6 +39,7 @@ import numbers
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,7 +116,15 @@ class TrainConfig:
             the other parameters are frozen. ``None`` trains everything.
         label_smoothing: of the cross-entropy loss.
         seed: seeds python, numpy, torch (CPU and CUDA) and the data order.
-        deterministic: ``torch.use_deterministic_algorithms(True)`` (process-wide setting).
+        deterministic: ``torch.use_deterministic_algorithms(True, warn_only=True)`` and no
+            cuDNN benchmarking during the run (restored afterwards); on CUDA it also sets
+            ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless set (PyTorch needs it, before the first
+            cuBLAS call of the process, for deterministic matrix products). Not needed on the
+            CPU, where runs are reproducible without it (see ``num_threads``).
+        num_threads: intra-op CPU threads (``torch.set_num_threads``) during the run, restored
+            afterwards; ``None`` keeps the process's setting. CPU results are bitwise
+            reproducible for a fixed thread count; another count may change the order of
+            reductions and so the last bits.
         device: ``auto`` (CUDA if available), ``cpu``, ``cuda``, ``cuda:1``...
         bf16: bfloat16 autocast (CUDA only).
         compile: ``torch.compile`` the model.
@@ -153,6 +165,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     seed: int = 0
     deterministic: bool = False
+    num_threads: int | None = None
     device: str = "auto"
     bf16: bool = True
     compile: bool = False
@@ -202,6 +215,7 @@ _OPTIONAL_COUNTS = {
     "max_steps_per_epoch": ("number of steps", "the whole training set"),
     "max_eval_batches": ("number of test batches", "the whole test set"),
     "stop_after_epoch": ("epoch number", "run to `epochs`"),
+    "num_threads": ("number of threads", "keep the process's setting"),
 }
 #: Numbers with their admissible range: (low, low included, high, high included).
 _RANGES = {
@@ -294,8 +308,8 @@ RUN_FIELDS = (
 #: in the checkpoint, in ``config.json`` and in the result of :func:`train`).
 CHANGEABLE_FIELDS = (
     "epochs", "stop_after_epoch", "data_root", "download", "test_batch_size",
-    "max_eval_batches", "device", "bf16", "compile", "deterministic", "num_workers",
-    "progress", "out_dir", "resume", "checkpoint",
+    "max_eval_batches", "device", "bf16", "compile", "deterministic", "num_threads",
+    "num_workers", "progress", "out_dir", "resume", "checkpoint",
 )  # fmt: skip
 
 
@@ -334,7 +348,7 @@ def resume_changes(
     test_batch_size, max_eval_batches       may change  evaluation only: later epochs' test metrics
                                                         may cover another part of the test set
     device, bf16, compile, deterministic,   may change  how the same run is computed (to move a
-    num_workers                                         run to another machine); the resumed run
+    num_threads, num_workers                            run to another machine); the resumed run
                                                         is bitwise equal to an uninterrupted one
                                                         only with the same values
     progress, out_dir, checkpoint           may change  bookkeeping
@@ -484,6 +498,33 @@ def evaluate(
     return {"loss": sums[0].item() / n, "acc": sums[1].item() / n}
 
 
+@contextlib.contextmanager
+def _execution_settings(config: TrainConfig, cuda: bool) -> Iterator[None]:
+    """``num_threads`` and ``deterministic`` for the duration of a run, restored afterwards."""
+    threads = torch.get_num_threads()
+    det = torch.are_deterministic_algorithms_enabled()
+    det_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    bench = torch.backends.cudnn.benchmark
+    set_cublas = config.deterministic and cuda and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    try:
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        if config.deterministic:
+            if set_cublas:
+                os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        yield
+    finally:
+        if config.num_threads is not None:
+            torch.set_num_threads(threads)
+        if config.deterministic:
+            torch.use_deterministic_algorithms(det, warn_only=det_warn)
+            torch.backends.cudnn.benchmark = bench
+            if set_cublas:
+                os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
 # ----------------------------------------------------------------------------- the loop
 def train(
     config: TrainConfig, model: nn.Module | None = None, data: Data | None = None
@@ -515,15 +556,16 @@ def train(
     )
     dist_info = D.setup("cuda" if want_cuda else "cpu")
     try:
-        run = _Run(config, dist_info)
-        run.setup(model, data)
-        run.resume_or_broadcast()
-        run.wrap()
-        run.open_logs()
-        t_run = time.perf_counter()
-        for epoch in range(run.start_epoch, run.last_epoch):
-            run.end_epoch(run.train_epoch(epoch))
-        return run.result(time.perf_counter() - t_run)
+        with _execution_settings(config, want_cuda):
+            run = _Run(config, dist_info)
+            run.setup(model, data)
+            run.resume_or_broadcast()
+            run.wrap()
+            run.open_logs()
+            t_run = time.perf_counter()
+            for epoch in range(run.start_epoch, run.last_epoch):
+                run.end_epoch(run.train_epoch(epoch))
+            return run.result(time.perf_counter() - t_run)
     finally:
         D.teardown(dist_info)
 
@@ -534,9 +576,6 @@ class _Run:
     def __init__(self, config: TrainConfig, dist_info: D.DistInfo) -> None:
         self.config, self.dist = config, dist_info
         self.device = resolve_device(config.device, dist_info.local_rank)
-        if config.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.backends.cudnn.benchmark = False
         self.main = dist_info.is_main
         self.show = self.main and (
             config.progress if config.progress is not None else sys.stderr.isatty()

@@ -274,6 +274,7 @@ def test_config_rejects_values_that_cannot_work():
         "trainable": ("layer3", "trainable must be a list of module names"),
         "warmup_epochs": (float("nan"), "warmup_epochs must be a finite number >= 0"),
         "stop_after_epoch": (0, "stop_after_epoch must be a positive epoch number"),
+        "num_threads": (0, "num_threads must be a positive number of threads"),
         "seed": (1.5, "seed must be an integer, got 1.5"),
     }
     for name, (value, msg) in cases.items():
@@ -299,6 +300,38 @@ def test_config_rejects_values_that_cannot_work():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA is not available"):
             train(_cfg(device="cuda"))
+
+
+_RUN_TWICE = textwrap.dedent(
+    """
+    import json, sys
+    from resode.train import TrainConfig, train
+    r = train(TrainConfig(**json.loads(sys.argv[1])))
+    print(json.dumps(r["history"]))
+    """
+)
+
+
+def test_identical_runs_are_bitwise_identical(tmp_path):
+    """The same config and seed give the same bits twice in a process and in another process
+    (CPU, same number of threads): metrics, weights and BatchNorm statistics."""
+    drop = ("train_time_s", "epoch_time_s", "samples_per_s", "peak_mem_bytes")
+    kw = dict(epochs=2, num_threads=1, model_kwargs=dict(depth=2, channels=4, backward="adjoint"))
+    threads = torch.get_num_threads()
+    a, b = train(_cfg(**kw)), train(_cfg(**kw))
+    assert torch.get_num_threads() == threads  # restored after the run
+    strip = [{k: v for k, v in h.items() if k not in drop} for h in a["history"]]
+    assert strip == [{k: v for k, v in h.items() if k not in drop} for h in b["history"]]
+    for k, v in a["model"].state_dict().items():
+        assert torch.equal(v, b["model"].state_dict()[k]), k
+    c = train(_cfg(**{**kw, "seed": 1}))  # and the comparison can fail
+    assert c["history"][0]["train_loss"] != a["history"][0]["train_loss"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "4"}
+    cmd = [sys.executable, "-c", _RUN_TWICE, json.dumps(_cfg(**kw).to_dict())]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    other = json.loads(proc.stdout.splitlines()[-1])
+    assert [{k: v for k, v in h.items() if k not in drop} for h in other] == strip
 
 
 _DDP_WORKER = textwrap.dedent(
