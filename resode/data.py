@@ -15,8 +15,12 @@ Where the files are looked for (Fashion-MNIST): the ``root`` argument, then ``$R
 then Debian's ``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``). CIFAR
 and ImageNet: ``root``, then ``$RESODE_DATA``. A base directory may hold the files directly or
 in the usual sub-folder (``fashion-mnist/``, ``FashionMNIST/raw/``, ``cifar-10-batches-py/``,
-``imagenet/``). Missing files are downloaded when ``download=True`` and the network allows
-(not ImageNet); otherwise the error says where the files are expected and how to get them.
+``imagenet/``). A ``root`` that does not exist is an error (it names the root and where the
+dataset was found instead), never silently replaced; a root that exists but lacks the dataset
+falls through to the next place with a logged warning. :attr:`Data.root` records the folder
+the files were read from. Missing files are downloaded when ``download=True`` and the network
+allows (not ImageNet); otherwise the error says where the files are expected and how to get
+them.
 
 Data order: every epoch's order is a function of ``(seed, epoch)`` only, so resuming at an
 epoch boundary replays the same order; under data parallelism each rank takes a strided slice
@@ -26,6 +30,7 @@ of every *global* batch, so the union of the ranks' batches is the single-proces
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import pickle
 import struct
@@ -37,6 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+log = logging.getLogger("resode.data")
 
 #: Debian's dataset-fashion-mnist install location (searched last).
 FASHION_MNIST_SYSTEM_DIRS: tuple[str, ...] = ("/usr/share/datasets/fashion-mnist",)
@@ -121,6 +128,24 @@ def _candidate_roots(root: str | os.PathLike | None, system: tuple[str, ...] = (
     return roots
 
 
+def _check_root(
+    root: str | os.PathLike | None, found: Path | None, what: str, message: str, download: bool
+) -> None:
+    """An explicit ``root`` must be a folder: a typo is never replaced by another copy of the
+    dataset. A dataset ``found`` outside an existing ``root`` is used with a logged warning."""
+    if root is None:
+        return
+    r = Path(root).expanduser()
+    if not r.is_dir():
+        problem = "does not exist" if not r.exists() else "is not a folder"
+        hint = f" {what} was found in {found}: pass that, or leave the root out." if found else ""
+        if download:
+            hint += " To download the files into a new folder, create it first."
+        raise DatasetNotFoundError(f"data root {r} {problem}.{hint}\n{message}")
+    if found is not None and found != r and r not in found.parents:
+        log.warning("%s is not in the data root %s; using the copy in %s", what, r, found)
+
+
 def _find_file(d: Path, name: str) -> Path | None:
     for cand in (d / name, d / (name + ".gz")):
         if cand.is_file():
@@ -179,6 +204,8 @@ class Data:
         mean, std: per-channel normalisation applied to ``[0, 1]`` images (uint8 storage).
         augment: random crop (4-pixel zero padding) + horizontal flip on training batches.
         device: where tensor splits live and batches are produced.
+        num_workers: DataLoader workers (folder datasets).
+        root: the folder the files were read from (``None`` for generated data).
     """
 
     name: str
@@ -192,6 +219,7 @@ class Data:
     augment: bool = False
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     num_workers: int = 4
+    root: str | None = None
 
     def loader(
         self,
@@ -395,6 +423,7 @@ def fashion_mnist(
     """Fashion-MNIST (IDX files), 28x28 grey images, 10 classes (no augmentation by default)."""
     roots = _candidate_roots(root, FASHION_MNIST_SYSTEM_DIRS)
     d = _find_fashion_mnist(roots)
+    _check_root(root, d, "Fashion-MNIST", _fmnist_message(roots), download)
     if d is None and download:
         dest = _download_root(root) / "fashion-mnist"
         try:
@@ -428,6 +457,7 @@ def fashion_mnist(
         std,
         bool(augment),
         torch.device(device),
+        root=str(d),
     )
 
 
@@ -460,6 +490,7 @@ def _cifar(name: str, root, download: bool, device, augment: bool | None) -> Dat
         + f". Download {CIFAR_URLS[name]} and extract it into the root (it creates {sub}/), "
         f"then pass root=... or set ${DATA_ENV}."
     )
+    _check_root(root, found, name.upper(), msg, download)
     if found is None and download:
         import tarfile
 
@@ -493,6 +524,7 @@ def _cifar(name: str, root, download: bool, device, augment: bool | None) -> Dat
         std,
         True if augment is None else augment,
         torch.device(device),
+        root=str(found),
     )
 
 
@@ -532,15 +564,16 @@ def imagenet(
                 break
         if found:
             break
+    where = " or ".join(str(r) for r in roots) or "<root> (no root given)"
+    msg = (
+        f"ImageNet not found: expected class folders train/<wnid>/*.JPEG and "
+        f"val/<wnid>/*.JPEG under {where}. It cannot be downloaded automatically: get "
+        "ILSVRC2012 from https://image-net.org, extract it into that layout (e.g. with "
+        f"the usual valprep.sh for val/), then pass root=... or set ${DATA_ENV}."
+    )
+    _check_root(root, found, "ImageNet", msg, download=False)
     if found is None:
-        where = " or ".join(str(r) for r in roots) or "<root> (no root given)"
-        raise DatasetNotFoundError(
-            f"ImageNet not found: expected class folders train/<wnid>/*.JPEG and "
-            f"val/<wnid>/*.JPEG under {where}. It cannot be downloaded automatically: get "
-            "ILSVRC2012 from https://image-net.org, extract it into that layout (e.g. with "
-            "the usual valprep.sh for val/), then pass root=... or set "
-            f"${DATA_ENV}."
-        )
+        raise DatasetNotFoundError(msg)
     mean, std = STATS["imagenet"]
     norm = transforms.Normalize(mean, std)
     train_tf = transforms.Compose(
@@ -575,6 +608,7 @@ def imagenet(
         False,
         torch.device(device),
         num_workers,
+        root=str(found),
     )
 
 

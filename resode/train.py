@@ -12,25 +12,34 @@
   ``constant``, with optional linear warm-up; all applied per iteration.
 * ``trainable``: train only some modules (e.g. ``["layer3"]`` for Table 2's fine-tuning).
 * Seeding of python, numpy, torch and CUDA; the data order is a function of (seed, epoch).
+  The same config gives bitwise-identical results twice on the CPU, in one process or in two,
+  when the number of intra-op threads is the same (``num_threads`` fixes it for the run).
 * bfloat16 autocast on CUDA (``bf16``), ``torch.compile`` (``compile``).
 * Every epoch: metrics appended to ``<out_dir>/metrics.jsonl`` and a checkpoint written
-  atomically to ``<out_dir>/checkpoint.pt`` (model config + train config + model, optimizer,
-  scheduler and RNG states). ``resume=True`` continues from it and ends in the same state as an
-  uninterrupted run (bitwise on CPU).
+  atomically to ``<out_dir>/checkpoint.pt`` (:mod:`resode.checkpoint`: model config + train
+  config + model, optimizer, scheduler and RNG states). ``resume=True`` continues from it and
+  ends in the same state as an uninterrupted run (bitwise on CPU). A resume whose config changes
+  the run (model, data, seed, optimiser, schedule...) is refused; see :func:`resume_changes`.
 * Under ``torchrun`` the model is wrapped in DistributedDataParallel, every rank takes a slice
   of each global batch (``batch_size`` is the global batch), rank 0 logs and checkpoints.
+
+The loop (:class:`_Run`): setup (data, model, loaders, optimiser), resume (or broadcast the
+initial weights), then one loop over epochs, each followed by its record and checkpoint. See
+docs/design.md, "Models and training".
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
+import numbers
 import os
-import random
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,19 +50,54 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as D
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    ResumeMismatchError,
+    atomic_save,
+    load_checkpoint,
+    model_from_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 from .data import Data, get_dataset
 from .models import ModelConfig, create, get_config, unwrap
 from .stack import Stage
+from .utils import peak_memory, resolve_device, seed_everything
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHANGEABLE_FIELDS",
+    "CheckpointError",
+    "RUN_FIELDS",
+    "ResumeMismatchError",
+    "TrainConfig",
+    "apply_trainable",
+    "build_model",
+    "evaluate",
+    "load_checkpoint",
+    "lr_factor",
+    "model_from_checkpoint",
+    "param_groups",
+    "resume_changes",
+    "rng_state",
+    "seed_everything",
+    "set_rng_state",
+    "train",
+]
 
 log = logging.getLogger("resode.train")
 
 SCHEDULES = ("cosine", "step", "multistep", "constant")
-CHECKPOINT_FORMAT = "resode-checkpoint-v1"
 
 
 @dataclass
 class TrainConfig:
     """Everything a training run depends on; stored in every checkpoint.
+
+    Every field is checked when the config is made: a value that cannot work raises
+    ``ValueError`` with one line per problem. Whether a CUDA device is present is checked when
+    :func:`train` starts (a config may be written on one machine and run on another).
 
     Attributes:
         model, model_kwargs: registry name and arguments (``resode.models.create``). When a
@@ -72,15 +116,25 @@ class TrainConfig:
             the other parameters are frozen. ``None`` trains everything.
         label_smoothing: of the cross-entropy loss.
         seed: seeds python, numpy, torch (CPU and CUDA) and the data order.
-        deterministic: ``torch.use_deterministic_algorithms(True)`` (process-wide setting).
+        deterministic: ``torch.use_deterministic_algorithms(True, warn_only=True)`` and no
+            cuDNN benchmarking during the run (restored afterwards); on CUDA it also sets
+            ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless set (PyTorch needs it, before the first
+            cuBLAS call of the process, for deterministic matrix products). Not needed on the
+            CPU, where runs are reproducible without it (see ``num_threads``).
+        num_threads: intra-op CPU threads (``torch.set_num_threads``) during the run, restored
+            afterwards; ``None`` keeps the process's setting. CPU results are bitwise
+            reproducible for a fixed thread count; another count may change the order of
+            reductions and so the last bits.
         device: ``auto`` (CUDA if available), ``cpu``, ``cuda``, ``cuda:1``...
         bf16: bfloat16 autocast (CUDA only).
         compile: ``torch.compile`` the model.
         out_dir: where ``config.json``, ``metrics.jsonl`` and ``checkpoint.pt`` go
             (``None``: nothing is written).
-        resume: continue from ``<out_dir>/checkpoint.pt`` if it exists.
+        resume: continue from ``<out_dir>/checkpoint.pt`` if it exists (needs ``out_dir``);
+            refused when the config changes the run (:func:`resume_changes`).
         checkpoint: write a checkpoint every epoch (needs ``out_dir``).
-        max_steps_per_epoch, max_eval_batches: cap the work per epoch (smoke runs).
+        max_steps_per_epoch, max_eval_batches: cap the work per epoch (smoke runs; positive,
+            or ``None`` for the whole split).
         stop_after_epoch: return after this epoch even if ``epochs`` is larger (preemption
             tests; the schedule still spans ``epochs``).
         num_workers: DataLoader workers (folder datasets only).
@@ -111,6 +165,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     seed: int = 0
     deterministic: bool = False
+    num_threads: int | None = None
     device: str = "auto"
     bf16: bool = True
     compile: bool = False
@@ -124,14 +179,15 @@ class TrainConfig:
     progress: bool | None = None
 
     def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
-        if isinstance(self.stage_lr_mult, str) and self.stage_lr_mult != "depth":
-            raise ValueError(
-                f"stage_lr_mult must be a number or 'depth', got {self.stage_lr_mult!r}"
-            )
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be positive")
+        if isinstance(self.device, torch.device):
+            self.device = str(self.device)
+        if isinstance(self.out_dir, os.PathLike):
+            self.out_dir = os.fspath(self.out_dir)
+        problems = _config_problems(self)
+        if len(problems) == 1:
+            raise ValueError(f"TrainConfig: {problems[0]}")
+        if problems:
+            raise ValueError("TrainConfig:\n  " + "\n  ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -145,45 +201,192 @@ class TrainConfig:
         return cls(**d)
 
 
+# ----------------------------------------------------------------------------- validation
+def _is_int(v: Any) -> bool:  # numpy integers count, booleans do not
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) and math.isfinite(v)
+
+
+#: Optional positive integers: what the number counts, and what ``None`` means.
+_OPTIONAL_COUNTS = {
+    "max_steps_per_epoch": ("number of steps", "the whole training set"),
+    "max_eval_batches": ("number of test batches", "the whole test set"),
+    "stop_after_epoch": ("epoch number", "run to `epochs`"),
+    "num_threads": ("number of threads", "keep the process's setting"),
+}
+#: Numbers with their admissible range: (low, low included, high, high included).
+_RANGES = {
+    "lr": (0.0, False, math.inf, False),
+    "momentum": (0.0, True, 1.0, False),
+    "weight_decay": (0.0, True, math.inf, False),
+    "gamma": (0.0, False, math.inf, False),
+    "warmup_epochs": (0.0, True, math.inf, False),
+    "label_smoothing": (0.0, True, 1.0, True),
+}
+
+
+def _range_text(lo: float, lo_in: bool, hi: float, hi_in: bool) -> str:
+    if hi == math.inf:
+        return f"a finite number {'>=' if lo_in else '>'} {lo:g}"
+    return f"a number in {'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+
+
+def _device_problem(device: Any) -> str | None:
+    msg = f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}"
+    if device == "auto":
+        return None
+    if not isinstance(device, str):
+        return msg
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        return msg
+    return None if dev.type in ("cpu", "cuda") else msg
+
+
+def _config_problems(c: TrainConfig) -> list[str]:
+    """One line for each field of ``c`` whose value cannot work."""
+    p = []
+    for name in ("model", "dataset"):
+        if not isinstance(getattr(c, name), str) or not getattr(c, name):
+            p.append(f"{name} must be a registry name (a string), got {getattr(c, name)!r}")
+    for name in ("model_kwargs", "data_kwargs"):
+        if not isinstance(getattr(c, name), dict):
+            p.append(f"{name} must be a dict, got {getattr(c, name)!r}")
+    for name in ("epochs", "batch_size", "test_batch_size", "step_size"):
+        v = getattr(c, name)
+        if not _is_int(v) or v < 1:
+            p.append(f"{name} must be an integer >= 1, got {v!r}")
+    for name, (what, none) in _OPTIONAL_COUNTS.items():
+        v = getattr(c, name)
+        if v is not None and (not _is_int(v) or v < 1):
+            p.append(f"{name} must be a positive {what}, or None for {none}; got {v!r}")
+    for name, (lo, lo_in, hi, hi_in) in _RANGES.items():
+        v = getattr(c, name)
+        ok = _is_number(v) and (lo <= v if lo_in else lo < v) and (v <= hi if hi_in else v < hi)
+        if not ok:
+            p.append(f"{name} must be {_range_text(lo, lo_in, hi, hi_in)}, got {v!r}")
+    if c.nesterov and _is_number(c.momentum) and c.momentum == 0:
+        p.append("nesterov=True needs momentum > 0")
+    if c.schedule not in SCHEDULES:
+        p.append(f"unknown schedule {c.schedule!r}; choose one of {SCHEDULES}")
+    if not isinstance(c.milestones, (list, tuple)) or not all(
+        _is_int(m) and m >= 0 for m in c.milestones
+    ):
+        p.append(f"milestones must be a list of epochs (integers >= 0), got {c.milestones!r}")
+    if c.stage_lr_mult != "depth" and not (_is_number(c.stage_lr_mult) and c.stage_lr_mult >= 0):
+        p.append(f"stage_lr_mult must be a number >= 0 or 'depth', got {c.stage_lr_mult!r}")
+    if c.trainable is not None and (
+        not isinstance(c.trainable, (list, tuple))
+        or not all(isinstance(t, str) for t in c.trainable)
+    ):
+        p.append(f"trainable must be a list of module names (e.g. ['layer3']) or None, got "
+                 f"{c.trainable!r}")  # fmt: skip
+    if not _is_int(c.seed):
+        p.append(f"seed must be an integer, got {c.seed!r}")
+    if not _is_int(c.num_workers) or c.num_workers < 0:
+        p.append(f"num_workers must be an integer >= 0, got {c.num_workers!r}")
+    if (msg := _device_problem(c.device)) is not None:
+        p.append(msg)
+    if c.resume and c.out_dir is None:
+        p.append("resume=True needs an out_dir (the folder that holds checkpoint.pt)")
+    return p
+
+
+# ----------------------------------------------------------------------------- resume policy
+#: Fields that define the run: resuming with another value is refused (:func:`resume_changes`).
+RUN_FIELDS = (
+    "model", "model_kwargs", "dataset", "data_kwargs", "augment", "seed", "batch_size",
+    "max_steps_per_epoch", "lr", "momentum", "nesterov", "weight_decay", "schedule",
+    "step_size", "milestones", "gamma", "warmup_epochs", "stage_lr_mult", "trainable",
+    "label_smoothing",
+)  # fmt: skip
+#: Fields a resume may change; each change (but of ``resume`` itself) is recorded (``resumes``
+#: in the checkpoint, in ``config.json`` and in the result of :func:`train`).
+CHANGEABLE_FIELDS = (
+    "epochs", "stop_after_epoch", "data_root", "download", "test_batch_size",
+    "max_eval_batches", "device", "bf16", "compile", "deterministic", "num_threads",
+    "num_workers", "progress", "out_dir", "resume", "checkpoint",
+)  # fmt: skip
+
+
+def _canonical(v: Any) -> Any:
+    """``v`` as JSON would give it back (tuples become lists), so equal settings compare equal."""
+    return json.loads(json.dumps(v, sort_keys=True, default=str))
+
+
+def resume_changes(
+    saved: dict[str, Any], config: TrainConfig
+) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
+    """Compare the train config stored in a checkpoint with the config of a resume.
+
+    Returns ``(refused, allowed)``: ``{field: (checkpoint value, new value)}`` for the fields
+    that differ, split by policy. A field missing from ``saved`` (an older checkpoint) counts
+    as its default. The policy, field by field:
+
+    ======================================  ==========  ==========================================
+    field                                   on resume   why
+    ======================================  ==========  ==========================================
+    model, model_kwargs                     must match  the network (its ModelConfig is compared
+                                                        too, also when a built model is passed)
+    dataset, data_kwargs, augment           must match  the data the run learns from
+    seed                                    must match  initialisation and data order
+    batch_size, max_steps_per_epoch         must match  the steps of an epoch (the schedule counts
+                                                        iterations)
+    lr, momentum, nesterov, weight_decay    must match  the optimiser
+    schedule, step_size, milestones,        must match  the learning-rate schedule (compared even
+    gamma, warmup_epochs                                when the schedule does not use them)
+    stage_lr_mult, trainable                must match  the parameter groups of the optimiser
+    label_smoothing                         must match  the loss
+    epochs                                  may change  see below; fewer than the epochs already
+                                                        done is refused
+    stop_after_epoch                        may change  where this invocation stops
+    data_root, download                     may change  where the files are (same dataset)
+    test_batch_size, max_eval_batches       may change  evaluation only: later epochs' test metrics
+                                                        may cover another part of the test set
+    device, bf16, compile, deterministic,   may change  how the same run is computed (to move a
+    num_threads, num_workers                            run to another machine); the resumed run
+                                                        is bitwise equal to an uninterrupted one
+                                                        only with the same values
+    progress, out_dir, checkpoint           may change  bookkeeping
+    resume                                  ignored     it is True on every resume
+    ======================================  ==========  ==========================================
+
+    A changed ``epochs`` means "continue with the schedule of the new total": the epochs done
+    keep the learning rates they had, and the remaining iterations follow the schedule as if
+    the run had been configured with the new ``epochs`` from the start. ``step``,
+    ``multistep``, ``constant`` and the warm-up do not depend on ``epochs``, so there more
+    epochs simply continue the run. The cosine schedule does: its learning rate jumps at the
+    resume point from the old curve to the new one (e.g. 2 -> 4 epochs, resumed after epoch 2:
+    from ``0`` to ``0.5 * lr``), a warm restart; the result is not the run a 4-epoch config
+    would have given.
+    """
+    defaults = TrainConfig().to_dict()
+    new = config.to_dict()
+    refused: dict[str, tuple[Any, Any]] = {}
+    allowed: dict[str, tuple[Any, Any]] = {}
+    for name in RUN_FIELDS + CHANGEABLE_FIELDS:
+        if name == "resume":
+            continue
+        old = saved.get(name, defaults[name])
+        if _canonical(old) != _canonical(new[name]):
+            (refused if name in RUN_FIELDS else allowed)[name] = (old, new[name])
+    return refused, allowed
+
+
+def _mismatch(path: Path, differences: list[str]) -> ResumeMismatchError:
+    lines = "\n".join(f"  {d}" for d in differences)
+    return ResumeMismatchError(
+        f"cannot resume from {path}: incompatible checkpoint, the run it holds differs from "
+        f"this one in\n{lines}\nUse another out_dir for the new run, or start afresh in "
+        f"{path.parent} with resume=False (which overwrites the checkpoint)."
+    )
+
+
 # ----------------------------------------------------------------------------- helpers
-def seed_everything(seed: int) -> None:
-    """Seed python's ``random``, numpy and torch (CPU and every CUDA device)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def rng_state() -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def resolve_device(name: str, dist_info: D.DistInfo | None = None) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {name!r} requested but CUDA is not available")
-        if dev.index is None:
-            dev = torch.device("cuda", dist_info.local_rank if dist_info else 0)
-    return dev
-
-
 def lr_factor(config: TrainConfig, it: int, steps_per_epoch: int) -> float:
     """Learning-rate multiplier at iteration ``it`` (0-based) of the run."""
     epoch = it / steps_per_epoch
@@ -241,42 +444,6 @@ def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
     return [{"params": ps, "lr": config.lr * m, "lr_mult": m} for m, ps in sorted(groups.items())]
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _peak_memory(device: torch.device) -> tuple[int, str]:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
-    try:
-        import resource
-
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_max_rss"
-    except ImportError:  # pragma: no cover - not on Windows
-        return 0, "unknown"
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`train` (on CPU)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a resode training checkpoint ({CHECKPOINT_FORMAT})")
-    return ckpt
-
-
-def model_from_checkpoint(path: str | os.PathLike) -> nn.Module:
-    """Rebuild a model from a checkpoint alone (its stored config) and load its weights."""
-    ckpt = load_checkpoint(path)
-    if not ckpt.get("model_config"):
-        raise ValueError(f"{path} has no model config (the model was not built by the registry)")
-    cfg = ModelConfig.from_dict(ckpt["model_config"])
-    model = create(cfg.name, cfg.kwargs)
-    model.load_state_dict(ckpt["model"])
-    return model
-
-
 def build_model(config: TrainConfig, data: Data | None = None) -> nn.Module:
     """The model of ``config`` (``num_classes``/``in_channels`` default to the dataset's)."""
     kw = dict(config.model_kwargs)
@@ -305,7 +472,10 @@ def evaluate(
     max_batches: int | None = None,
     progress: bool = False,
 ) -> dict[str, float]:
-    """Mean loss and accuracy of ``model`` over ``loader`` (summed over ranks)."""
+    """Mean loss and accuracy of ``model`` over ``loader`` (summed over ranks); at most
+    ``max_batches`` batches (positive, or ``None`` for all)."""
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be positive or None (all batches), got {max_batches}")
     dist_info = dist_info or D.DistInfo()
     was_training = model.training
     model.eval()
@@ -328,6 +498,33 @@ def evaluate(
     return {"loss": sums[0].item() / n, "acc": sums[1].item() / n}
 
 
+@contextlib.contextmanager
+def _execution_settings(config: TrainConfig, cuda: bool) -> Iterator[None]:
+    """``num_threads`` and ``deterministic`` for the duration of a run, restored afterwards."""
+    threads = torch.get_num_threads()
+    det = torch.are_deterministic_algorithms_enabled()
+    det_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    bench = torch.backends.cudnn.benchmark
+    set_cublas = config.deterministic and cuda and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    try:
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        if config.deterministic:
+            if set_cublas:
+                os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        yield
+    finally:
+        if config.num_threads is not None:
+            torch.set_num_threads(threads)
+        if config.deterministic:
+            torch.use_deterministic_algorithms(det, warn_only=det_warn)
+            torch.backends.cudnn.benchmark = bench
+            if set_cublas:
+                os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
 # ----------------------------------------------------------------------------- the loop
 def train(
     config: TrainConfig, model: nn.Module | None = None, data: Data | None = None
@@ -343,152 +540,221 @@ def train(
     Returns:
         dict with ``history`` (one metrics dict per epoch), ``final`` (the last one),
         ``best_test_acc``, ``best_test_error``, ``best_epoch`` (1-based), ``epochs_done``,
-        ``num_params``, ``model_config``, ``train_config``, ``out_dir``, ``checkpoint`` (path
-        or ``None``) and ``model`` (the trained module, unwrapped; not JSON-serialisable).
+        ``num_params``, ``model_config``, ``train_config``, ``resumes`` (one record per resume:
+        the epoch it started from and the allowed changes), ``data_dir`` (the folder the data
+        was read from, :attr:`resode.data.Data.root`), ``out_dir``, ``checkpoint`` (path or
+        ``None``), ``wall_time_s`` and ``model`` (the trained module, unwrapped; not
+        JSON-serialisable).
+
+    Raises:
+        resode.checkpoint.CheckpointError: ``resume=True`` and the checkpoint is unreadable.
+        resode.checkpoint.ResumeMismatchError: ``resume=True`` and the config (or model)
+            changes the run the checkpoint holds (:func:`resume_changes`).
     """
     want_cuda = config.device.startswith("cuda") or (
         config.device == "auto" and torch.cuda.is_available()
     )
     dist_info = D.setup("cuda" if want_cuda else "cpu")
     try:
-        return _train(config, model, data, dist_info)
+        with _execution_settings(config, want_cuda):
+            run = _Run(config, dist_info)
+            run.setup(model, data)
+            run.resume_or_broadcast()
+            run.wrap()
+            run.open_logs()
+            t_run = time.perf_counter()
+            for epoch in range(run.start_epoch, run.last_epoch):
+                run.end_epoch(run.train_epoch(epoch))
+            return run.result(time.perf_counter() - t_run)
     finally:
         D.teardown(dist_info)
 
 
-def _train(config: TrainConfig, model, data, dist_info: D.DistInfo) -> dict[str, Any]:
-    device = resolve_device(config.device, dist_info)
-    if config.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    seed_everything(config.seed)
-    out_dir = Path(config.out_dir) if config.out_dir else None
-    main = dist_info.is_main
-    show = dist_info.is_main and (
-        config.progress if config.progress is not None else sys.stderr.isatty()
-    )
+class _Run:
+    """One training run: what its epochs share, and the steps :func:`train` takes in order."""
 
-    if data is None:
-        kw = dict(config.data_kwargs)
-        if config.augment is not None:
-            kw["augment"] = config.augment
-        kw.setdefault("num_workers", config.num_workers)  # folder datasets only
-        data = get_dataset(
-            config.dataset, root=config.data_root, device=device, download=config.download, **kw
+    def __init__(self, config: TrainConfig, dist_info: D.DistInfo) -> None:
+        self.config, self.dist = config, dist_info
+        self.device = resolve_device(config.device, dist_info.local_rank)
+        self.main = dist_info.is_main
+        self.show = self.main and (
+            config.progress if config.progress is not None else sys.stderr.isatty()
         )
-    if model is None:
-        model = build_model(config, data)
-    model = unwrap(model).to(device)
-    model_cfg = get_config(model)
-    apply_trainable(model, config.trainable)
-    num_params = sum(p.numel() for p in model.parameters())
+        self.out_dir = Path(config.out_dir) if config.out_dir else None
+        self.ckpt_path = self.out_dir / "checkpoint.pt" if self.out_dir else None
+        self.start_epoch, self.history, self.resumes = 0, [], []
+        self.best: dict[str, Any] = {"acc": -1.0, "epoch": 0}
+        self.last_epoch = config.epochs
+        if config.stop_after_epoch is not None:
+            self.last_epoch = min(self.last_epoch, config.stop_after_epoch)
 
-    train_loader = data.loader(
-        "train", config.batch_size, seed=config.seed, rank=dist_info.rank,
-        world_size=dist_info.world_size,
-    )  # fmt: skip
-    test_bs = -(-config.test_batch_size // dist_info.world_size) * dist_info.world_size
-    test_loader = data.loader(
-        "test", test_bs, seed=config.seed, rank=dist_info.rank, world_size=dist_info.world_size
-    )
-    steps_per_epoch = len(train_loader)
-    if config.max_steps_per_epoch is not None:
-        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"the training set ({len(data.train)} samples) is smaller than one batch "
-            f"({config.batch_size})"
+    # -- setup: data, model, loaders, optimiser (the order fixes the RNG stream)
+    def setup(self, model: nn.Module | None, data: Data | None) -> None:
+        cfg = self.config
+        seed_everything(cfg.seed)
+        self.data = data if data is not None else self._load_data()
+        if model is None:
+            model = build_model(cfg, self.data)
+        self.model = unwrap(model).to(self.device)
+        self.model_cfg = get_config(self.model)
+        apply_trainable(self.model, cfg.trainable)
+        self.num_params = sum(p.numel() for p in self.model.parameters())
+        self._make_loaders()
+        self.optimizer = torch.optim.SGD(
+            param_groups(self.model, cfg),
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+            weight_decay=cfg.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda it: lr_factor(cfg, it, self.steps_per_epoch)
         )
 
-    optimizer = torch.optim.SGD(
-        param_groups(model, config),
-        lr=config.lr,
-        momentum=config.momentum,
-        nesterov=config.nesterov,
-        weight_decay=config.weight_decay,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: lr_factor(config, it, steps_per_epoch)
-    )
+    def _load_data(self) -> Data:
+        cfg = self.config
+        kw = dict(cfg.data_kwargs)
+        if cfg.augment is not None:
+            kw["augment"] = cfg.augment
+        kw.setdefault("num_workers", cfg.num_workers)  # folder datasets only
+        return get_dataset(
+            cfg.dataset, root=cfg.data_root, device=self.device, download=cfg.download, **kw
+        )
 
-    start_epoch, history, best = 0, [], {"acc": -1.0, "epoch": 0}
-    ckpt_path = out_dir / "checkpoint.pt" if out_dir else None
-    if config.resume and ckpt_path is not None and ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path)
-        saved_cfg = ckpt.get("model_config")
-        if saved_cfg and model_cfg and ModelConfig.from_dict(saved_cfg) != model_cfg:
+    def _make_loaders(self) -> None:
+        cfg, rank, ws = self.config, self.dist.rank, self.dist.world_size
+        self.train_loader = self.data.loader(
+            "train", cfg.batch_size, seed=cfg.seed, rank=rank, world_size=ws
+        )
+        test_bs = -(-cfg.test_batch_size // ws) * ws
+        self.test_loader = self.data.loader(
+            "test", test_bs, seed=cfg.seed, rank=rank, world_size=ws
+        )
+        steps = len(self.train_loader)
+        if cfg.max_steps_per_epoch is not None:
+            steps = min(steps, cfg.max_steps_per_epoch)
+        if steps < 1:
             raise ValueError(
-                f"incompatible checkpoint {ckpt_path}: it holds model {saved_cfg}, this run "
-                f"builds {model_cfg.to_dict()}; use another out_dir or resume=False"
+                f"the training set ({len(self.data.train)} samples) is smaller than one batch "
+                f"({cfg.batch_size})"
             )
+        self.steps_per_epoch = steps
+
+    # -- resume (or, fresh under DDP, give every rank rank 0's initial weights)
+    def resume_or_broadcast(self) -> None:
+        if self.config.resume and self.ckpt_path is not None and self.ckpt_path.is_file():
+            self._resume(load_checkpoint(self.ckpt_path))
+        elif self.dist.enabled:
+            D.broadcast_parameters(self.model, self.dist)
+
+    def _resume(self, ckpt: dict[str, Any]) -> None:
+        cfg, path = self.config, self.ckpt_path
+        refused, allowed = resume_changes(ckpt.get("train_config") or {}, cfg)
+        diffs = [f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items()]
+        saved_model = ckpt.get("model_config")
+        if saved_model and self.model_cfg and ModelConfig.from_dict(saved_model) != self.model_cfg:
+            diffs.append(f"model config: {saved_model} -> {self.model_cfg.to_dict()}")
+        if cfg.epochs < ckpt["epoch"]:
+            diffs.append(f"epochs: {cfg.epochs} is fewer than the {ckpt['epoch']} already done")
+        if diffs:
+            raise _mismatch(path, diffs)
         try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise ValueError(f"incompatible checkpoint {ckpt_path}: {e}") from None
-        scheduler.load_state_dict(ckpt["scheduler"])
+            raise _mismatch(path, [f"model or optimiser state: {e}"]) from None
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if "epochs" in allowed:  # the next step's learning rate follows the new schedule
+            it = self.scheduler.last_epoch
+            for g, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+                g["lr"] = base * lr_factor(cfg, it, self.steps_per_epoch)
         set_rng_state(ckpt["rng"])
-        start_epoch, history, best = ckpt["epoch"], ckpt["history"], ckpt["best"]
-        if main:
-            log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
-    elif dist_info.enabled:
-        D.broadcast_parameters(model, dist_info)
+        self.start_epoch, self.history, self.best = ckpt["epoch"], ckpt["history"], ckpt["best"]
+        changes = {k: [old, new] for k, (old, new) in allowed.items()}
+        self.resumes = [*ckpt.get("resumes", []), {"epoch": self.start_epoch, "changes": changes}]
+        if self.main:
+            log.info("resumed from %s at epoch %d; changes: %s", path, self.start_epoch, changes)
+            if "epochs" in allowed and cfg.schedule == "cosine":
+                old, new = allowed["epochs"]
+                msg = "epochs %s -> %s: the cosine schedule jumps to its new curve at epoch %d"
+                log.warning(msg, old, new, self.start_epoch)
 
-    net: nn.Module = model
-    if dist_info.enabled:
-        ids = [device.index] if device.type == "cuda" else None
-        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    if config.compile:
-        net = torch.compile(net)
-    bf16 = config.bf16 and device.type == "cuda"
+    def wrap(self) -> None:
+        """The module the steps call: DDP under ``torchrun``, compiled with ``compile``."""
+        net: nn.Module = self.model
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if self.config.compile:
+            net = torch.compile(net)
+        self.net = net
+        self.bf16 = self.config.bf16 and self.device.type == "cuda"
 
-    if out_dir is not None and main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        meta = {"train_config": config.to_dict(), "model_config": _cfg_dict(model_cfg)}
-        (out_dir / "config.json").write_text(json.dumps(meta, indent=2, default=str))
-        # metrics.jsonl holds exactly the epochs of the checkpoint (drops a partial epoch)
-        with open(out_dir / "metrics.jsonl", "w") as f:
-            for h in history:
+    def open_logs(self) -> None:
+        """``config.json``, and ``metrics.jsonl`` cut to the checkpoint's epochs (a partly
+        written epoch is dropped)."""
+        if self.out_dir is None or not self.main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "train_config": self.config.to_dict(),
+            "model_config": _cfg_dict(self.model_cfg),
+            "data_dir": getattr(self.data, "root", None),
+            "resumes": self.resumes,
+        }
+        (self.out_dir / "config.json").write_text(json.dumps(meta, indent=2, default=str))
+        with open(self.out_dir / "metrics.jsonl", "w") as f:
+            for h in self.history:
                 f.write(json.dumps(h) + "\n")
 
-    t_run = time.perf_counter()
-    last_epoch = config.epochs
-    if config.stop_after_epoch is not None:
-        last_epoch = min(last_epoch, config.stop_after_epoch)
-    for epoch in range(start_epoch, last_epoch):
+    # -- one epoch
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """Train one epoch, evaluate, and return its metrics record."""
+        cfg, dev = self.config, self.device
         t0 = time.perf_counter()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        net.train()
-        train_loader.set_epoch(epoch)
-        if dist_info.enabled:  # per-rank random streams (dropout), a function of (seed, epoch)
-            torch.manual_seed(config.seed * 1_000_003 + 7919 * (epoch + 1) + dist_info.rank)
-        sums = torch.zeros(3, dtype=torch.float64, device=device)
-        bar = _progress(train_loader, steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}", show)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        self.net.train()
+        self.train_loader.set_epoch(epoch)
+        if self.dist.enabled:  # per-rank random streams (dropout), a function of (seed, epoch)
+            torch.manual_seed(cfg.seed * 1_000_003 + 7919 * (epoch + 1) + self.dist.rank)
+        sums = torch.zeros(3, dtype=torch.float64, device=dev)  # loss, correct, count
+        desc = f"epoch {epoch + 1}/{cfg.epochs}"
+        bar = _progress(self.train_loader, self.steps_per_epoch, desc, self.show)
         for step, (x, y) in enumerate(bar):
-            if step >= steps_per_epoch:
+            if step >= self.steps_per_epoch:
                 break
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                out = net(x)
-                loss = F.cross_entropy(out.float(), y, label_smoothing=config.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            out, loss = self._step(x, y)
             with torch.no_grad():
                 sums[0] += loss.detach().double() * len(y)
                 sums[1] += (out.argmax(1) == y).sum()
                 sums[2] += len(y)
-            if show and step % 20 == 0:
+            if self.show and step % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, step {step}")
-        D.all_reduce_sum(sums, dist_info)
+        D.all_reduce_sum(sums, self.dist)
         train_time = time.perf_counter() - t0
-        test = evaluate(model, test_loader, device, dist_info, bf16, config.max_eval_batches, show)
+        test = evaluate(
+            self.model, self.test_loader, dev, self.dist, self.bf16, cfg.max_eval_batches, self.show
+        )
+        return self._record(epoch, sums, test, t0, train_time)
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.net(x)  # (B, num_classes)
+            loss = F.cross_entropy(out.float(), y, label_smoothing=self.config.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return out, loss
+
+    def _record(self, epoch: int, sums, test, t0: float, train_time: float) -> dict[str, Any]:
         n = max(sums[2].item(), 1.0)
-        peak, peak_kind = _peak_memory(device)
-        rec = {
+        peak, peak_kind = peak_memory(self.device)
+        group = self.optimizer.param_groups[0]
+        return {
             "epoch": epoch + 1,
             "train_loss": sums[0].item() / n,
             "train_acc": sums[1].item() / n,
@@ -496,61 +762,75 @@ def _train(config: TrainConfig, model, data, dist_info: D.DistInfo) -> dict[str,
             "test_acc": test["acc"],
             "test_error": 1.0 - test["acc"],
             # base learning rate at the end of the epoch (group multipliers divided out)
-            "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_mult"],
-            "steps": steps_per_epoch,
+            "lr": group["lr"] / group["lr_mult"],
+            "steps": self.steps_per_epoch,
             "train_time_s": train_time,
             "epoch_time_s": time.perf_counter() - t0,
             "samples_per_s": n / max(train_time, 1e-9),
             "peak_mem_bytes": peak,
             "peak_mem_kind": peak_kind,
-            "world_size": dist_info.world_size,
+            "world_size": self.dist.world_size,
         }
-        if rec["test_acc"] > best["acc"]:
-            best = {"acc": rec["test_acc"], "epoch": epoch + 1}
-        history.append(rec)
-        if main:
+
+    # -- after each epoch: best, log, metrics line, checkpoint
+    def end_epoch(self, rec: dict[str, Any]) -> None:
+        epoch = rec["epoch"]
+        if rec["test_acc"] > self.best["acc"]:
+            self.best = {"acc": rec["test_acc"], "epoch": epoch}
+        self.history.append(rec)
+        if self.main:
             log.info(
                 "epoch %d/%d train loss %.4f acc %.4f | test loss %.4f acc %.4f | %.1fs",
-                epoch + 1, config.epochs, rec["train_loss"], rec["train_acc"], rec["test_loss"],
+                epoch, self.config.epochs, rec["train_loss"], rec["train_acc"], rec["test_loss"],
                 rec["test_acc"], rec["epoch_time_s"],
             )  # fmt: skip
-        if out_dir is not None and main:
-            with open(out_dir / "metrics.jsonl", "a") as f:
+        if self.out_dir is not None and self.main:
+            with open(self.out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
-            if config.checkpoint:
-                _atomic_save(
-                    {
-                        "format": CHECKPOINT_FORMAT,
-                        "epoch": epoch + 1,
-                        "model": model.state_dict(),
-                        "model_config": _cfg_dict(model_cfg),
-                        "train_config": config.to_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "rng": rng_state(),
-                        "history": history,
-                        "best": best,
-                        "torch_version": torch.__version__,
-                    },
-                    ckpt_path,
-                )
-        D.barrier(dist_info)
+            if self.config.checkpoint:
+                self.save_checkpoint(epoch)
+        D.barrier(self.dist)
 
-    return {
-        "history": history,
-        "final": history[-1] if history else None,
-        "best_test_acc": best["acc"] if history else None,
-        "best_test_error": 1.0 - best["acc"] if history else None,
-        "best_epoch": best["epoch"] if history else None,
-        "epochs_done": len(history),
-        "num_params": num_params,
-        "model_config": _cfg_dict(model_cfg),
-        "train_config": config.to_dict(),
-        "out_dir": str(out_dir) if out_dir else None,
-        "checkpoint": str(ckpt_path) if ckpt_path and config.checkpoint else None,
-        "wall_time_s": time.perf_counter() - t_run,
-        "model": model,
-    }
+    def save_checkpoint(self, epoch: int) -> None:
+        """The state after ``epoch`` epochs, atomically to ``<out_dir>/checkpoint.pt``."""
+        atomic_save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "epoch": epoch,
+                "model": self.model.state_dict(),
+                "model_config": _cfg_dict(self.model_cfg),
+                "train_config": self.config.to_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": rng_state(),
+                "history": self.history,
+                "best": self.best,
+                "resumes": self.resumes,
+                "torch_version": torch.__version__,
+            },
+            self.ckpt_path,
+        )
+
+    def result(self, wall_time_s: float) -> dict[str, Any]:
+        h, best = self.history, self.best
+        ckpt = str(self.ckpt_path) if self.ckpt_path and self.config.checkpoint else None
+        return {
+            "history": h,
+            "final": h[-1] if h else None,
+            "best_test_acc": best["acc"] if h else None,
+            "best_test_error": 1.0 - best["acc"] if h else None,
+            "best_epoch": best["epoch"] if h else None,
+            "epochs_done": len(h),
+            "num_params": self.num_params,
+            "model_config": _cfg_dict(self.model_cfg),
+            "train_config": self.config.to_dict(),
+            "resumes": self.resumes,
+            "data_dir": getattr(self.data, "root", None),
+            "out_dir": str(self.out_dir) if self.out_dir else None,
+            "checkpoint": ckpt,
+            "wall_time_s": wall_time_s,
+            "model": self.model,
+        }
 
 
 def _cfg_dict(cfg: ModelConfig | None) -> dict[str, Any] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import pickle
 import struct
@@ -73,15 +74,48 @@ def test_fashion_mnist_from_root(tmp_path, no_system_data):
     torch.testing.assert_close(x0[:, 0], expect)
 
 
-def test_fashion_mnist_from_env_and_system_dir(tmp_path, monkeypatch, no_system_data):
+def test_fashion_mnist_from_env_and_system_dir(tmp_path, monkeypatch, no_system_data, caplog):
     _fmnist_fixture(tmp_path / "env")
     monkeypatch.setenv(D.DATA_ENV, str(tmp_path / "env"))
     assert len(D.fashion_mnist(download=False).train) == 12
     monkeypatch.delenv(D.DATA_ENV)
     _fmnist_fixture(tmp_path / "sys", n_train=5)
     monkeypatch.setattr(D, "FASHION_MNIST_SYSTEM_DIRS", (str(tmp_path / "sys"),))
-    # the given root is searched first, then the system directory
-    assert len(D.fashion_mnist(root=tmp_path / "empty", download=False).train) == 5
+    # the given root is searched first, then the system directory (announced, and recorded)
+    (tmp_path / "empty").mkdir()
+    with caplog.at_level(logging.WARNING, logger="resode.data"):
+        data = D.fashion_mnist(root=tmp_path / "empty", download=False)
+    assert len(data.train) == 5 and data.root == str(tmp_path / "sys")
+    assert f"not in the data root {tmp_path / 'empty'}" in caplog.text
+    _fmnist_fixture(tmp_path / "empty" / "fashion-mnist", n_train=3)
+    data = D.fashion_mnist(root=tmp_path / "empty", download=False)
+    assert len(data.train) == 3 and data.root == str(tmp_path / "empty" / "fashion-mnist")
+
+
+@pytest.mark.parametrize("download", [False, True])
+def test_a_root_that_does_not_exist_is_an_error_not_a_fallback(
+    tmp_path, monkeypatch, no_system_data, download
+):
+    _fmnist_fixture(tmp_path / "sys")
+    monkeypatch.setattr(D, "FASHION_MNIST_SYSTEM_DIRS", (str(tmp_path / "sys"),))
+    monkeypatch.setattr(D, "_download", None)  # never reached
+    typo = tmp_path / "dtaa"
+    with pytest.raises(D.DatasetNotFoundError) as e:
+        D.get_dataset("fashion_mnist", root=typo, download=download)
+    msg = str(e.value)
+    assert msg.startswith(f"data root {typo} does not exist.")
+    assert f"Fashion-MNIST was found in {tmp_path / 'sys'}" in msg
+    assert ("create it first" in msg) == download
+    _cifar_fixture(tmp_path / "env", "cifar10")
+    monkeypatch.setenv(D.DATA_ENV, str(tmp_path / "env"))
+    with pytest.raises(D.DatasetNotFoundError, match="CIFAR10 was found in .*env"):
+        D.get_dataset("cifar10", root=typo, download=download)
+    assert D.get_dataset("cifar10", download=False).root == str(
+        tmp_path / "env" / "cifar-10-batches-py"
+    )
+    (tmp_path / "file").write_text("")
+    with pytest.raises(D.DatasetNotFoundError, match="is not a folder"):
+        D.get_dataset("cifar10", root=tmp_path / "file", download=download)
 
 
 def test_fashion_mnist_missing_offline(tmp_path, monkeypatch, no_system_data):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -16,9 +17,13 @@ import torch
 
 from resode import data as D
 from resode import models as M
+from resode.checkpoint import CheckpointError, ResumeMismatchError, load_checkpoint
 from resode.train import (
+    CHANGEABLE_FIELDS,
+    RUN_FIELDS,
     TrainConfig,
     build_model,
+    evaluate,
     lr_factor,
     model_from_checkpoint,
     param_groups,
@@ -148,6 +153,185 @@ def test_clear_errors(tmp_path):
         train(_cfg(trainable=["layer9"]))
     with pytest.raises(D.DatasetNotFoundError):
         train(_cfg(dataset="cifar10", data_root=str(tmp_path), download=False))
+
+
+def _ckpt_file(tmp_path) -> Path:
+    out = tmp_path / "good"
+    train(_cfg(epochs=1, out_dir=str(out)))
+    return out / "checkpoint.pt"
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "garbage", "pickle", "missing_keys"])
+def test_unreadable_checkpoint_raises_one_error_naming_the_file(tmp_path, kind):
+    good = _ckpt_file(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    bad = run / "checkpoint.pt"
+    raw = good.read_bytes()
+    if kind == "empty":
+        bad.write_bytes(b"")
+    elif kind == "truncated":
+        bad.write_bytes(raw[: len(raw) // 2])
+    elif kind == "garbage":
+        bad.write_bytes(bytes(range(256)) * 10)
+    elif kind == "pickle":  # a readable file that is not a resode checkpoint
+        torch.save({"weights": torch.zeros(2)}, bad)
+    else:
+        ckpt = torch.load(good, weights_only=False)
+        del ckpt["optimizer"]
+        torch.save(ckpt, bad)
+    for load in (load_checkpoint, model_from_checkpoint):
+        with pytest.raises(CheckpointError) as e:
+            load(bad)
+        assert str(bad) in str(e.value) and "resume=False" in str(e.value)
+        assert e.value.path == bad and isinstance(e.value, ValueError)
+    with pytest.raises(CheckpointError, match="unreadable checkpoint"):
+        train(_cfg(epochs=1, out_dir=str(run), resume=True))
+    assert bad.read_bytes() != raw  # the bad file is left for the user to look at
+
+
+def test_resume_policy_covers_every_field():
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert sorted(RUN_FIELDS + CHANGEABLE_FIELDS) == sorted(names)
+    assert not set(RUN_FIELDS) & set(CHANGEABLE_FIELDS)
+
+
+@pytest.mark.parametrize(
+    "change, expect",
+    [
+        (dict(lr=0.1), "lr: 0.05 -> 0.1"),
+        (dict(seed=1), "seed: 0 -> 1"),
+        (dict(batch_size=16), "batch_size: 32 -> 16"),
+        (dict(data_kwargs={**SYN, "num_train": 64}), "data_kwargs"),
+        (dict(schedule="constant", weight_decay=0.0), "schedule: 'cosine' -> 'constant'"),
+        (dict(epochs=1), "epochs: 1 is fewer than the 2 already done"),
+    ],
+)
+def test_resume_refuses_a_changed_run(tmp_path, change, expect):
+    out = tmp_path / "run"
+    train(_cfg(out_dir=str(out), stop_after_epoch=2))
+    before = {n: (out / n).read_bytes() for n in ("checkpoint.pt", "config.json", "metrics.jsonl")}
+    with pytest.raises(ResumeMismatchError) as e:
+        train(_cfg(out_dir=str(out), resume=True, **change))
+    msg = str(e.value)
+    assert expect in msg and str(out / "checkpoint.pt") in msg
+    assert "another out_dir" in msg and "resume=False" in msg
+    if len(change) == 2:
+        assert "weight_decay: 0.0005 -> 0.0" in msg  # every difference is listed
+    # nothing was trained, nothing was rewritten with the refused values
+    assert {n: (out / n).read_bytes() for n in before} == before
+
+
+def test_resume_with_more_epochs_is_recorded_and_continues_the_schedule(tmp_path, monkeypatch):
+    drop = ("train_time_s", "epoch_time_s", "samples_per_s", "peak_mem_bytes")
+
+    def strip(history):
+        return [{k: v for k, v in h.items() if k not in drop} for h in history]
+
+    # schedules that do not depend on `epochs`: 2 epochs then 2 more == 4 epochs in one go
+    kw = dict(schedule="step", step_size=1, gamma=0.5)
+    full = train(_cfg(epochs=4, **kw))
+    out = str(tmp_path / "step")
+    train(_cfg(epochs=2, out_dir=out, **kw))
+    more = train(_cfg(epochs=4, out_dir=out, resume=True, progress=True, **kw))
+    assert strip(more["history"]) == strip(full["history"])
+    for k, v in full["model"].state_dict().items():
+        assert torch.equal(v, more["model"].state_dict()[k]), k
+    record = {"epoch": 2, "changes": {"epochs": [2, 4], "progress": [False, True]}}
+    assert more["resumes"] == [record]
+    assert load_checkpoint(Path(out) / "checkpoint.pt")["resumes"] == [record]
+    meta = json.loads((Path(out) / "config.json").read_text())
+    assert meta["resumes"] == [record] and meta["train_config"]["epochs"] == 4
+    # cosine: every resumed step uses the cosine of the new total (a jump from 0 to 0.5 lr)
+    out = str(tmp_path / "cos")
+    first = train(_cfg(epochs=2, out_dir=out))
+    assert first["final"]["lr"] == pytest.approx(0.0, abs=1e-12)
+    used = []
+    step = torch.optim.SGD.step
+
+    def spy(self, *a, **k):
+        used.append(self.param_groups[0]["lr"])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", spy)
+    more = train(_cfg(epochs=4, out_dir=out, resume=True))
+    steps = more["history"][0]["steps"]
+    new = _cfg(epochs=4)
+    expect = [0.05 * lr_factor(new, it, steps) for it in range(2 * steps, 4 * steps)]
+    assert used == pytest.approx(expect, rel=1e-12, abs=0) and used[0] == pytest.approx(0.025)
+    assert strip(more["history"][:2]) == strip(first["history"])
+
+
+def test_config_rejects_values_that_cannot_work():
+    cases = {
+        "max_steps_per_epoch": (0, "max_steps_per_epoch must be a positive number of steps"),
+        "max_eval_batches": (0, "max_eval_batches must be a positive number of test batches"),
+        "lr": (-0.1, "lr must be a finite number > 0, got -0.1"),
+        "device": ("tpu", "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
+        "epochs": (0, "epochs must be an integer >= 1, got 0"),
+        "momentum": (1.5, "momentum must be a number in [0, 1), got 1.5"),
+        "label_smoothing": (2.0, "label_smoothing must be a number in [0, 1], got 2.0"),
+        "trainable": ("layer3", "trainable must be a list of module names"),
+        "warmup_epochs": (float("nan"), "warmup_epochs must be a finite number >= 0"),
+        "stop_after_epoch": (0, "stop_after_epoch must be a positive epoch number"),
+        "num_threads": (0, "num_threads must be a positive number of threads"),
+        "seed": (1.5, "seed must be an integer, got 1.5"),
+    }
+    for name, (value, msg) in cases.items():
+        with pytest.raises(ValueError) as e:
+            TrainConfig(**{name: value})
+        assert str(e.value) == f"TrainConfig: {msg}" or str(e.value).startswith(
+            f"TrainConfig: {msg}"
+        ), (name, str(e.value))
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="nesterov=True needs momentum > 0"):
+        TrainConfig(nesterov=True, momentum=0.0)
+    with pytest.raises(ValueError, match="resume=True needs an out_dir"):
+        TrainConfig(resume=True)
+    with pytest.raises(ValueError) as e:  # several problems: one line each
+        TrainConfig(lr=0.0, batch_size=0, max_eval_batches=-1)
+    assert len(str(e.value).splitlines()) == 4
+    assert TrainConfig(device=torch.device("cpu")).device == "cpu"
+    data = D.synthetic(**SYN)
+    with pytest.raises(ValueError, match="max_batches must be positive"):
+        evaluate(
+            build_model(_cfg(), data), data.loader("test", 8), torch.device("cpu"), max_batches=0
+        )
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            train(_cfg(device="cuda"))
+
+
+_RUN_TWICE = textwrap.dedent(
+    """
+    import json, sys
+    from resode.train import TrainConfig, train
+    r = train(TrainConfig(**json.loads(sys.argv[1])))
+    print(json.dumps(r["history"]))
+    """
+)
+
+
+def test_identical_runs_are_bitwise_identical(tmp_path):
+    """The same config and seed give the same bits twice in a process and in another process
+    (CPU, same number of threads): metrics, weights and BatchNorm statistics."""
+    drop = ("train_time_s", "epoch_time_s", "samples_per_s", "peak_mem_bytes")
+    kw = dict(epochs=2, num_threads=1, model_kwargs=dict(depth=2, channels=4, backward="adjoint"))
+    threads = torch.get_num_threads()
+    a, b = train(_cfg(**kw)), train(_cfg(**kw))
+    assert torch.get_num_threads() == threads  # restored after the run
+    strip = [{k: v for k, v in h.items() if k not in drop} for h in a["history"]]
+    assert strip == [{k: v for k, v in h.items() if k not in drop} for h in b["history"]]
+    for k, v in a["model"].state_dict().items():
+        assert torch.equal(v, b["model"].state_dict()[k]), k
+    c = train(_cfg(**{**kw, "seed": 1}))  # and the comparison can fail
+    assert c["history"][0]["train_loss"] != a["history"][0]["train_loss"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "4"}
+    cmd = [sys.executable, "-c", _RUN_TWICE, json.dumps(_cfg(**kw).to_dict())]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    other = json.loads(proc.stdout.splitlines()[-1])
+    assert [{k: v for k, v in h.items() if k not in drop} for h in other] == strip
 
 
 _DDP_WORKER = textwrap.dedent(
