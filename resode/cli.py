@@ -17,8 +17,8 @@ import sys
 import time
 from collections.abc import Sequence
 
-from .reproduce import EXPERIMENTS, get_experiment, reproduce, run_experiment
-from .reproduce.common import LAUNCHERS, PRESETS
+from .reproduce import EXPERIMENTS, PRESETS, get_experiment, reproduce, run_experiment
+from .reproduce.sweeps import LAUNCHERS
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -56,12 +56,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "list":
         for exp_id in EXPERIMENTS:
-            mod = get_experiment(exp_id)
-            print(f"{exp_id:16s} {mod.TITLE}")
+            print(f"{exp_id:16s} {get_experiment(exp_id).title}")
         return 0
-    from .reproduce.common import resolve_device
+    from .utils import resolve_device
 
-    device = resolve_device(args.device)
+    device = str(resolve_device(args.device))
     t0 = time.time()
     if args.command == "run":
         s = run_experiment(

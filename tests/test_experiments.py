@@ -18,7 +18,10 @@ import pytest
 
 from resode.cli import build_parser
 from resode.reproduce import EXPERIMENTS, get_experiment, reproduce
-from resode.reproduce.common import VERDICTS, Claim, read_complete, run_sweep
+from resode.reproduce.claims import VERDICTS, Claim, seed_stats, verdict_above_noise
+from resode.reproduce.files import read_complete
+from resode.reproduce.report import MARKS
+from resode.reproduce.sweeps import run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,6 +69,7 @@ def test_smoke_outputs(smoke, exp_id):
     for c in s["claims"]:
         assert c["verdict"] in VERDICTS
         assert re.search(r"\d", c["evidence"]), c
+        assert c["rule"], f"{exp_id}: claim {c['key']} states no verdict rule"
     nums = list(_finite_numbers(s["numbers"]))
     assert nums and all(math.isfinite(x) for x in nums)
 
@@ -106,7 +110,7 @@ def test_report_states_every_claim(smoke):
         exp_id, _, measured, verdict = cells
         assert exp_id in EXPERIMENTS
         assert re.search(r"\d", measured), ln  # a measured number
-        assert verdict.strip("*") in VERDICTS, ln
+        assert verdict.strip("*") in VERDICTS + MARKS, ln
     for e in EXPERIMENTS:
         s = read_complete(out / e / "summary.json")
         for f in s["figures"]:
@@ -119,7 +123,7 @@ def test_report_never_hides_a_failure(tmp_path):
 
     path = write_report(tmp_path, "smoke", ["memory"], {"memory": {"ok": False, "error": "Boom"}})
     text = path.read_text()
-    assert "Boom" in text and "**not run**" in text
+    assert "| memory | (all claims) | failed: Boom | **not run** |" in text
 
 
 def test_sweep_skips_finished_runs(tmp_path):
@@ -136,12 +140,25 @@ def test_sweep_skips_finished_runs(tmp_path):
     (tmp_path / "x1.json").write_text(json.dumps({"y": 1}))
     r2 = run_sweep(fn, jobs, tmp_path, key=lambda j: f"x{j['x']}")
     assert calls == [0, 1, 2, 1] and [r["y"] for r in r2] == [0, 1, 4]
+    assert (r2.ran, r2.reused) == (1, 2)
 
 
 def test_claim_rejects_bad_verdicts_and_nan_successes():
     with pytest.raises(ValueError):
         Claim("k", "t", "e 1", 1.0, "maybe")
     assert Claim("k", "t", "e", float("nan"), "reproduced").verdict == "not reproduced"
+
+
+def test_seed_statistics_and_noise_verdicts():
+    st = seed_stats([1.0, 2.0, 3.0])
+    assert st == {"mean": 2.0, "std": 1.0, "min": 1.0, "max": 3.0, "n": 3}
+    assert seed_stats([5.0])["std"] == 0.0
+    assert verdict_above_noise([2.0, 3.0, 4.0])[0] == "reproduced"  # 3 > 1
+    assert verdict_above_noise([-2.0, -3.0, -4.0])[0] == "not reproduced"
+    assert verdict_above_noise([-1.0, 0.5, 1.0])[0] == "inconclusive"  # |0.17| < 1.04
+    assert verdict_above_noise([10.0])[0] == "inconclusive"  # one seed: no spread to judge
+    verdict, rule = verdict_above_noise([2.0, 3.0, 4.0], k=2.0)
+    assert verdict == "reproduced" and "2 x seed std" in rule
 
 
 def test_cli_parses_documented_commands():
@@ -154,16 +171,33 @@ def test_cli_parses_documented_commands():
     with pytest.raises(SystemExit):
         p.parse_args(["run", "nope"])
     for e in EXPERIMENTS:
-        mod = get_experiment(e)
-        assert set(mod.PRESETS) == {"smoke", "quick", "paper"}, e
+        exp = get_experiment(e)
+        assert exp.id == e and set(exp.presets) == {"smoke", "quick", "paper"}, e
 
 
-def test_experiment_scripts_run_from_a_checkout():
+@pytest.mark.parametrize("script", ["memory.py", "reproduce.py"])
+def test_experiment_scripts_run_from_a_checkout(script):
     out = subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "memory.py"), "--help"],
+        [sys.executable, str(ROOT / "experiments" / script), "--help"],
         capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=120,
     )
     assert out.returncode == 0 and "--preset" in out.stdout
+    assert ("--only" in out.stdout) == (script == "reproduce.py")
+
+
+def test_every_experiment_has_its_script():
+    scripts = {p.stem for p in (ROOT / "experiments").glob("*.py") if not p.stem.startswith("_")}
+    assert scripts == {e.replace("-", "_") for e in EXPERIMENTS} | {"reproduce"}
+
+
+def test_memory_block_is_the_library_mlp_block():
+    from resode.models.blocks import mlp_block
+    from resode.reproduce.memory import build
+
+    stage = build("generic", "autograd", 3, 6, 4)
+    ref = mlp_block(6, 4)
+    assert all(type(stage.block(n)) is type(ref) for n in range(3))
+    assert [type(m) for m in stage.block(0)] == [type(m) for m in ref]

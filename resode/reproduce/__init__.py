@@ -1,12 +1,18 @@
 """The paper's experiments, one module per id, and the reproduce-all report.
 
 Sander, Ablin & Peyre, "Do Residual Neural Networks discretize Neural Ordinary Differential
-Equations?", NeurIPS 2022. Each experiment module defines ``ID``, ``TITLE``, ``PRESETS`` and
-``run(preset, out, seeds, device, data_root, launcher)``, which writes ``<out>/<id>/`` (figures as
+Equations?", NeurIPS 2022. Each experiment module ends with an
+:class:`~resode.reproduce.experiment.Experiment` (``EXPERIMENT``) that declares its presets,
+sweeps, aggregation, figure and claims; the shared runner writes ``<out>/<id>/`` (figures as
 PNG+PDF, numbers as JSON/CSV, ``provenance.json``, ``summary.json`` with the claims and their
-verdicts) and returns the summary. The logic lives here, in the package, so that the ``resode``
-command works from an installed wheel; ``experiments/<id>.py`` in the repository are thin
-one-command entries over it.
+verdicts). The logic lives here, in the package, so that the ``resode`` command works from an
+installed wheel; ``experiments/<id>.py`` in the repository are one-line entries over it. See
+docs/design.md, "Experiments".
+
+Modules: :mod:`.experiment` (skeleton and runner), :mod:`.context` (settings of a run),
+:mod:`.sweeps` (resumable sweeps and launchers), :mod:`.training` (training points),
+:mod:`.claims`, :mod:`.figures`, :mod:`.files` (atomic JSON/CSV), :mod:`.provenance`,
+:mod:`.inputs` (checks of the command's inputs), :mod:`.report` (REPORT.md).
 """
 
 from __future__ import annotations
@@ -17,10 +23,12 @@ import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-from .common import PRESETS, Claim, check_preset, default_launcher, write_json
+from .claims import VERDICTS, Claim
+from .experiment import Experiment
+from .files import write_json
+from .inputs import PRESETS, UsageError, check_launcher, check_preset, default_launcher
 
 #: experiment id -> module (in the order of the report)
 EXPERIMENTS: dict[str, str] = {
@@ -37,7 +45,10 @@ EXPERIMENTS: dict[str, str] = {
 __all__ = [
     "EXPERIMENTS",
     "PRESETS",
+    "VERDICTS",
     "Claim",
+    "Experiment",
+    "UsageError",
     "get_experiment",
     "list_experiments",
     "reproduce",
@@ -49,11 +60,11 @@ def list_experiments() -> list[str]:
     return list(EXPERIMENTS)
 
 
-def get_experiment(exp_id: str) -> ModuleType:
-    """The module of experiment ``exp_id`` (ids as in :data:`EXPERIMENTS`)."""
+def get_experiment(exp_id: str) -> Experiment:
+    """The :class:`Experiment` of ``exp_id`` (ids as in :data:`EXPERIMENTS`)."""
     if exp_id not in EXPERIMENTS:
-        raise ValueError(f"unknown experiment {exp_id!r}; choose one of {list_experiments()}")
-    return importlib.import_module(EXPERIMENTS[exp_id])
+        raise UsageError(f"unknown experiment {exp_id!r}; choose one of {list_experiments()}")
+    return importlib.import_module(EXPERIMENTS[exp_id]).EXPERIMENT
 
 
 def run_experiment(
@@ -64,18 +75,19 @@ def run_experiment(
     device: str = "cpu",
     data_root: str | None = None,
     launcher: str | None = None,
+    **overrides: Any,
 ) -> dict[str, Any]:
-    """Run one experiment; returns its summary (also written to ``<out>/<id>/summary.json``)."""
+    """Run one experiment; returns its summary (also written to ``<out>/<id>/summary.json``).
+
+    ``overrides`` replace preset settings (``train_overrides={...}`` applies to every training
+    section).
+    """
     check_preset(preset)
-    mod = get_experiment(exp_id)
-    return mod.run(
-        preset=preset,
-        out=out,
-        seeds=list(seeds) if seeds else None,
-        device=device,
-        data_root=data_root,
-        launcher=launcher or default_launcher(preset),
-    )
+    check_launcher(launcher)
+    return get_experiment(exp_id).run(
+        preset=preset, out=out, seeds=list(seeds) if seeds else None, device=device,
+        data_root=data_root, launcher=launcher or default_launcher(preset), **overrides,
+    )  # fmt: skip
 
 
 def reproduce(
@@ -102,16 +114,12 @@ def reproduce(
         err_path = Path(out) / exp_id / "error.json"
         try:
             run_experiment(exp_id, preset, out, seeds, device, data_root, launcher)
-            if err_path.exists():
-                err_path.unlink()
+            err_path.unlink(missing_ok=True)
             statuses[exp_id] = {"ok": True, "wall_time_s": round(time.time() - t0, 1)}
         except Exception as e:  # report it, never hide it
             tb = traceback.format_exc()
             write_json(err_path, {"error": f"{type(e).__name__}: {e}", "traceback": tb})
-            statuses[exp_id] = {
-                "ok": False,
-                "error": f"{type(e).__name__}: {e}",
-                "wall_time_s": round(time.time() - t0, 1),
-            }
+            statuses[exp_id] = {"ok": False, "error": f"{type(e).__name__}: {e}",
+                                "wall_time_s": round(time.time() - t0, 1)}  # fmt: skip
             print(f"[resode reproduce] {exp_id} FAILED: {type(e).__name__}: {e}", flush=True)
     return write_report(out, preset, ids, statuses)
