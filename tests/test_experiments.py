@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
     report = reproduce("smoke", out=out)
+    assert not report.failed, report.statuses
     return out, report
 
 

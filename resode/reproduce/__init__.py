@@ -48,6 +48,7 @@ __all__ = [
     "VERDICTS",
     "Claim",
     "Experiment",
+    "ReproduceResult",
     "UsageError",
     "get_experiment",
     "list_experiments",
@@ -67,6 +68,34 @@ def get_experiment(exp_id: str) -> Experiment:
     return importlib.import_module(EXPERIMENTS[exp_id]).EXPERIMENT
 
 
+def _check_inputs(preset, out, device, data_root, launcher) -> tuple[str, str | None]:
+    """Check every input once; return the device and launcher to use."""
+    from resode.utils import resolve_device
+
+    check_preset(preset)
+    check_launcher(launcher)
+    return str(resolve_device(device)), launcher or default_launcher(preset)
+
+
+def _run_one(exp_id: str, preset: str, out, seeds, device, data_root, launcher, **kw) -> dict:
+    """Run one experiment; record a failure in ``<out>/<id>/error.json`` and re-raise it."""
+    err_path = Path(out) / exp_id / "error.json"
+    try:
+        summary = get_experiment(exp_id).run(
+            preset=preset, out=out, seeds=seeds, device=device, data_root=data_root,
+            launcher=launcher, **kw,
+        )  # fmt: skip
+    except Exception as e:
+        try:
+            write_json(err_path, {"preset": preset, "error": f"{type(e).__name__}: {e}",
+                                  "traceback": traceback.format_exc()})  # fmt: skip
+        except OSError:
+            pass  # the folder itself cannot be written: the caller reports the error
+        raise
+    err_path.unlink(missing_ok=True)
+    return summary
+
+
 def run_experiment(
     exp_id: str,
     preset: str = "quick",
@@ -79,15 +108,29 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run one experiment; returns its summary (also written to ``<out>/<id>/summary.json``).
 
-    ``overrides`` replace preset settings (``train_overrides={...}`` applies to every training
-    section).
+    ``overrides`` replace preset settings (``train_overrides={...}`` applies to every
+    training section).
     """
-    check_preset(preset)
-    check_launcher(launcher)
-    return get_experiment(exp_id).run(
-        preset=preset, out=out, seeds=list(seeds) if seeds else None, device=device,
-        data_root=data_root, launcher=launcher or default_launcher(preset), **overrides,
-    )  # fmt: skip
+    get_experiment(exp_id)
+    device, launcher = _check_inputs(preset, out, device, data_root, launcher)
+    return _run_one(exp_id, preset, out, list(seeds) if seeds else None, device, data_root,
+                    launcher, **overrides)  # fmt: skip
+
+
+class ReproduceResult(os.PathLike):
+    """What :func:`reproduce` did: ``path`` of REPORT.md (``os.fspath`` gives it) and
+    ``statuses`` (id -> ``{"ok", "wall_time_s", "error"}``); ``failed`` lists the failures."""
+
+    def __init__(self, path: Path, statuses: dict[str, dict[str, Any]]) -> None:
+        self.path = path
+        self.statuses = statuses
+
+    @property
+    def failed(self) -> list[str]:
+        return [e for e, s in self.statuses.items() if not s["ok"]]
+
+    def __fspath__(self) -> str:
+        return str(self.path)
 
 
 def reproduce(
@@ -98,28 +141,29 @@ def reproduce(
     data_root: str | None = None,
     launcher: str | None = None,
     seeds: Sequence[int] | None = None,
-) -> Path:
+    on_failure: Any = None,
+) -> ReproduceResult:
     """Run every experiment (or ``only`` those) and write ``<out>/REPORT.md``.
 
-    A failing experiment does not stop the others: its error is written to
-    ``<out>/<id>/error.json`` and every claim of it is reported as ``not run``.
+    A failing experiment does not stop the others: its error goes to ``<out>/<id>/error.json``,
+    ``on_failure(exp_id, exc)`` is called, and the report marks it.
     """
     from .report import write_report
 
-    check_preset(preset)
     ids = list(only) if only else list_experiments()
+    for e in ids:
+        get_experiment(e)
+    device, launcher = _check_inputs(preset, out, device, data_root, launcher)
     statuses: dict[str, dict[str, Any]] = {}
     for exp_id in ids:
         t0 = time.time()
-        err_path = Path(out) / exp_id / "error.json"
         try:
-            run_experiment(exp_id, preset, out, seeds, device, data_root, launcher)
-            err_path.unlink(missing_ok=True)
+            _run_one(exp_id, preset, out, list(seeds) if seeds else None, device, data_root,
+                     launcher)  # fmt: skip
             statuses[exp_id] = {"ok": True, "wall_time_s": round(time.time() - t0, 1)}
         except Exception as e:  # report it, never hide it
-            tb = traceback.format_exc()
-            write_json(err_path, {"error": f"{type(e).__name__}: {e}", "traceback": tb})
             statuses[exp_id] = {"ok": False, "error": f"{type(e).__name__}: {e}",
                                 "wall_time_s": round(time.time() - t0, 1)}  # fmt: skip
-            print(f"[resode reproduce] {exp_id} FAILED: {type(e).__name__}: {e}", flush=True)
-    return write_report(out, preset, ids, statuses)
+            if on_failure is not None:
+                on_failure(exp_id, e)
+    return ReproduceResult(write_report(out, preset, ids, statuses), statuses)

@@ -1,0 +1,62 @@
+"""The ``resode`` command as a user meets it (issue 12): every failure exits non-zero with one
+line that says what failed and how to fix it, no traceback unless ``--debug``.
+
+Every test runs the command in a subprocess, as a user would.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def resode(*args: str, env: dict[str, str] | None = None, timeout: int = 600):
+    """Run ``resode ARGS``; return (exit status, stdout + stderr)."""
+    e = dict(os.environ, OMP_NUM_THREADS="1")
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    e.pop("RESODE_DEBUG", None)
+    e.update(env or {})
+    p = subprocess.run([sys.executable, "-m", "resode.cli", *args], capture_output=True,
+                       text=True, env=e, cwd=ROOT, timeout=timeout)  # fmt: skip
+    return p.returncode, p.stdout + p.stderr
+
+
+def error_lines(output: str) -> list[str]:
+    return [ln for ln in output.splitlines() if ln.startswith("resode:")]
+
+
+def assert_clean_failure(rc: int, output: str, expected_rc: int, *words: str) -> None:
+    assert rc == expected_rc, output
+    assert "Traceback" not in output, output
+    lines = error_lines(output)
+    assert lines, output
+    for w in words:
+        assert any(w in ln for ln in lines), (w, lines)
+
+
+# ----------------------------------------------------------------------------- failures
+def test_failed_experiment_exits_1_with_one_line_and_traceback_only_on_debug(tmp_path):
+    (tmp_path / "linear-weights").write_text("a file where the results folder should be")
+    rc, out = resode("run", "linear-weights", "--preset", "smoke", "--out", str(tmp_path))
+    assert_clean_failure(rc, out, 1, "linear-weights failed", "NotADirectoryError")
+    assert len(error_lines(out)) == 1
+    for extra, env in ((["--debug"], None), ([], {"RESODE_DEBUG": "1"})):
+        rc, out = resode("run", "linear-weights", "--preset", "smoke", "--out", str(tmp_path),
+                         *extra, env=env)  # fmt: skip
+        assert rc == 1 and "Traceback" in out, out
+
+
+def test_reproduce_exits_1_and_the_report_marks_the_failure(tmp_path):
+    (tmp_path / "linear-weights").write_text("a file where the results folder should be")
+    rc, out = resode("reproduce", "--preset", "smoke", "--out", str(tmp_path), "--only",
+                     "linear-weights", "reconstruction")  # fmt: skip
+    assert_clean_failure(rc, out, 1, "linear-weights FAILED", "1 of 2 experiments failed",
+                         "--only linear-weights")  # fmt: skip
+    text = (tmp_path / "REPORT.md").read_text()
+    assert "| linear-weights | (all claims) | failed: NotADirectoryError" in text
+    assert "| reconstruction | reconstruction error" in text
+    assert (tmp_path / "reconstruction" / "summary.json").is_file()
