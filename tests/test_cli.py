@@ -1,11 +1,13 @@
 """The ``resode`` command as a user meets it (issue 12): every failure exits non-zero with one
-line that says what failed and how to fix it, no traceback unless ``--debug``.
+line that says what failed and how to fix it, no traceback unless ``--debug``; REPORT.md shows
+only results of the preset it is about.
 
 Every test runs the command in a subprocess, as a user would.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -58,5 +60,41 @@ def test_reproduce_exits_1_and_the_report_marks_the_failure(tmp_path):
                          "--only linear-weights")  # fmt: skip
     text = (tmp_path / "REPORT.md").read_text()
     assert "| linear-weights | (all claims) | failed: NotADirectoryError" in text
-    assert "| reconstruction | reconstruction error" in text
+    assert "**failed**" in text and "| reconstruction | reconstruction error" in text
     assert (tmp_path / "reconstruction" / "summary.json").is_file()
+
+
+# ----------------------------------------------------------------------------- the report
+def _claim_rows(text: str, exp_id: str) -> list[str]:
+    return [ln for ln in text.splitlines() if ln.startswith(f"| {exp_id} |")]
+
+
+def test_only_updates_its_sections_and_never_mixes_presets(tmp_path):
+    out = str(tmp_path)
+    assert (
+        resode("reproduce", "--preset", "smoke", "--out", out, "--only", "reconstruction")[0] == 0
+    )
+    first = (tmp_path / "REPORT.md").read_text()
+    assert "**reproduced**" in "".join(_claim_rows(first, "reconstruction"))
+    assert _claim_rows(first, "memory") == [
+        "| memory | (all claims) | not run at preset smoke | **not run** |"
+    ]
+    # --only another experiment: reconstruction's section stays, linear-weights' is added
+    assert (
+        resode("reproduce", "--preset", "smoke", "--out", out, "--only", "linear-weights")[0] == 0
+    )
+    second = (tmp_path / "REPORT.md").read_text()
+    assert _claim_rows(second, "reconstruction") == _claim_rows(first, "reconstruction")
+    assert "From an earlier run of this preset." in second
+    assert "**reproduced**" in "".join(_claim_rows(second, "linear-weights"))
+    # a summary of another preset is never shown in this preset's report
+    s = tmp_path / "reconstruction" / "summary.json"
+    s.write_text(json.dumps(dict(json.loads(s.read_text()), preset="quick")))
+    assert (
+        resode("reproduce", "--preset", "smoke", "--out", out, "--only", "linear-weights")[0] == 0
+    )
+    third = (tmp_path / "REPORT.md").read_text()
+    assert _claim_rows(third, "reconstruction") == [
+        "| reconstruction | (all claims) | not run at preset smoke (reconstruction/ holds a "
+        "quick result) | **not run** |"
+    ]

@@ -122,9 +122,13 @@ def test_report_states_every_claim(smoke):
 def test_report_never_hides_a_failure(tmp_path):
     from resode.reproduce.report import write_report
 
-    path = write_report(tmp_path, "smoke", ["memory"], {"memory": {"ok": False, "error": "Boom"}})
+    path = write_report(tmp_path, "smoke", {"memory": {"ok": False, "error": "Boom"}})
     text = path.read_text()
-    assert "| memory | (all claims) | failed: Boom | **not run** |" in text
+    assert "| memory | (all claims) | failed: Boom | **failed** |" in text
+    # every other experiment is listed as not run (nothing in tmp_path), none is left out
+    for e in EXPERIMENTS:
+        if e != "memory":
+            assert f"| {e} | (all claims) | not run at preset smoke | **not run** |" in text
 
 
 def test_sweep_skips_finished_runs(tmp_path):

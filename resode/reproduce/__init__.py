@@ -146,7 +146,8 @@ def reproduce(
     """Run every experiment (or ``only`` those) and write ``<out>/REPORT.md``.
 
     A failing experiment does not stop the others: its error goes to ``<out>/<id>/error.json``,
-    ``on_failure(exp_id, exc)`` is called, and the report marks it.
+    ``on_failure(exp_id, exc)`` is called, and the report marks it failed. With ``only``, the
+    other experiments keep their earlier sections (results of the same preset only).
     """
     from .report import write_report
 
@@ -166,4 +167,4 @@ def reproduce(
                                 "wall_time_s": round(time.time() - t0, 1)}  # fmt: skip
             if on_failure is not None:
                 on_failure(exp_id, e)
-    return ReproduceResult(write_report(out, preset, ids, statuses), statuses)
+    return ReproduceResult(write_report(out, preset, statuses), statuses)

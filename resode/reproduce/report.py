@@ -1,20 +1,21 @@
 """``<out>/REPORT.md``: every figure, every table and, per claim of the paper, the measured
-evidence, a verdict and its rule, from the ``summary.json`` files of the experiments run:
-an experiment that failed or did not run is marked so, never hidden."""
+evidence, a verdict and its rule. It is rebuilt from the ``summary.json`` files of one preset:
+an experiment that failed, did not run, or holds results of another preset is marked so, never
+hidden and never mixed in."""
 
 from __future__ import annotations
 
 import csv
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .files import read_complete, read_json, write_text
 from .provenance import hardware
 
-MARKS: tuple[str, ...] = ("not run",)  # the claim-table verdict of missing results
+MARKS: tuple[str, ...] = ("failed", "not run")  # the claim-table verdicts of missing results
 
 
 def _cell(text: str) -> str:
@@ -45,13 +46,27 @@ def _table_md(path: Path, max_rows: int = 40) -> str:
     return "\n".join(lines) + "\n"
 
 
-def experiment_state(out: Path, exp_id: str, status: dict[str, Any] | None) -> dict[str, Any]:
-    """``{"state": "ok", "summary": ...}`` or ``{"state": "not run", "why": ...}``."""
+def experiment_state(
+    out: Path, exp_id: str, preset: str, status: dict[str, Any] | None
+) -> dict[str, Any]:
+    """``{"state": "ok" | "failed" | "not run", ...}`` of one experiment at ``preset``.
+
+    ``status`` is this invocation's outcome (``None``: not run now, read the files: a complete
+    summary of this preset is an earlier result; an ``error.json`` of this preset, a failure).
+    """
+    if status is not None and not status.get("ok", False):
+        return {"state": "failed", "why": status.get("error", "unknown error")}
     summary = read_complete(out / exp_id / "summary.json")
+    err = read_json(out / exp_id / "error.json")
+    if status is None and err is not None and err.get("preset") == preset:
+        return {"state": "failed", "why": err.get("error", "unknown error")}
+    if summary is not None and summary.get("preset") == preset:
+        return {"state": "ok", "summary": summary, "earlier": status is None}
     if summary is not None:
-        return {"state": "ok", "summary": summary}
-    err = (status or {}).get("error") or (read_json(out / exp_id / "error.json") or {}).get("error")
-    return {"state": "not run", "why": f"failed: {err}" if err else "no complete result"}
+        why = f"not run at preset {preset} ({exp_id}/ holds a {summary.get('preset')} result)"
+    else:
+        why = f"not run at preset {preset}"
+    return {"state": "not run", "why": why}
 
 
 def _header(preset: str) -> list[str]:
@@ -83,7 +98,8 @@ def _claim_rows(states: dict[str, dict[str, Any]], counts: dict[str, int]) -> It
         if st["state"] != "ok":
             mark = st["state"]
             counts[mark] = counts.get(mark, 0) + 1
-            yield f"| {exp_id} | (all claims) | {_cell(st['why'])} | **{mark}** |"
+            why = f"failed: {st['why']}" if mark == "failed" else st["why"]
+            yield f"| {exp_id} | (all claims) | {_cell(why)} | **{mark}** |"
             continue
         for c in st["summary"]["claims"]:
             v = c["verdict"]
@@ -108,10 +124,14 @@ def _claims_table(states: dict[str, dict[str, Any]]) -> list[str]:
 
 def _section(out: Path, exp_id: str, title: str, st: dict[str, Any]) -> list[str]:
     lines = [f"## {exp_id}: {title}", ""]
+    if st["state"] == "failed":
+        return lines + [f"**Failed**: {st['why']} (details in `{exp_id}/error.json`)", ""]
     if st["state"] == "not run":
-        return lines + [f"**Not run / failed**: {st['why']}", ""]
+        return lines + [f"**Not run**: {st['why']}.", ""]
     s = st["summary"]
-    lines += [f"Wall time {s['wall_time_s']:.0f} s. Provenance: `{exp_id}/provenance.json`.", ""]
+    when = " From an earlier run of this preset." if st.get("earlier") else ""
+    lines += [f"Wall time {s['wall_time_s']:.0f} s. Provenance: `{exp_id}/provenance.json`."
+              f"{when}", ""]  # fmt: skip
     for c in s["claims"]:
         rule = f" (rule: {c['rule']})" if c.get("rule") else ""
         lines.append(f"- {c['text']}: {c['evidence']} -> **{c['verdict']}**{rule}")
@@ -125,16 +145,18 @@ def _section(out: Path, exp_id: str, title: str, st: dict[str, Any]) -> list[str
 
 
 def write_report(
-    out: str | os.PathLike,
-    preset: str,
-    ids: Sequence[str],
-    statuses: dict[str, dict[str, Any]] | None = None,
+    out: str | os.PathLike, preset: str, statuses: dict[str, dict[str, Any]] | None = None
 ) -> Path:
-    """Write ``<out>/REPORT.md`` from the ``summary.json`` files of the experiments ``ids``."""
-    from . import get_experiment
+    """Write ``<out>/REPORT.md`` for ``preset`` from the experiments' result files.
+
+    ``statuses`` holds the outcome of the experiments run by this invocation (``{"ok": bool,
+    "error": str}``); the others keep their earlier result of the same preset, if any, so a
+    partial run (``--only``) updates its own sections and leaves the rest as they were.
+    """
+    from . import EXPERIMENTS, get_experiment
 
     out, statuses = Path(out), statuses or {}
-    states = {e: experiment_state(out, e, statuses.get(e)) for e in ids}
+    states = {e: experiment_state(out, e, preset, statuses.get(e)) for e in EXPERIMENTS}
     lines = _header(preset) + _claims_table(states)
     for exp_id, st in states.items():
         lines += _section(out, exp_id, get_experiment(exp_id).title, st)
