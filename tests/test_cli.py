@@ -1,6 +1,6 @@
 """The ``resode`` command as a user meets it (issue 12): every failure exits non-zero with one
-line that says what failed and how to fix it, no traceback unless ``--debug``; REPORT.md shows
-only results of the preset it is about.
+line that says what failed and how to fix it, no traceback unless ``--debug``; bad inputs are
+refused before anything runs (exit 2); REPORT.md shows only results of the preset it is about.
 
 Every test runs the command in a subprocess, as a user would.
 """
@@ -12,6 +12,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,6 +41,21 @@ def assert_clean_failure(rc: int, output: str, expected_rc: int, *words: str) ->
     assert lines, output
     for w in words:
         assert any(w in ln for ln in lines), (w, lines)
+
+
+# ----------------------------------------------------------------------------- bad inputs
+NO_SUCH_DEVICES = [("run", "tpu"), ("reproduce", "cuda:7")] + (
+    [] if torch.cuda.is_available() else [("run", "cuda"), ("reproduce", "cuda")]
+)
+
+
+@pytest.mark.parametrize(("command", "device"), NO_SUCH_DEVICES)
+def test_unavailable_device_is_one_line_exit_2(tmp_path, command, device):
+    args = ["run", "heun-depth"] if command == "run" else ["reproduce"]
+    rc, out = resode(*args, "--preset", "smoke", "--device", device, "--out", str(tmp_path))
+    assert_clean_failure(rc, out, 2, f"--device '{device}'", "available", "cpu")
+    assert len(error_lines(out)) == 1
+    assert list(tmp_path.iterdir()) == []  # refused before anything ran
 
 
 # ----------------------------------------------------------------------------- failures

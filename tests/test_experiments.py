@@ -198,6 +198,14 @@ def test_every_experiment_has_its_script():
     assert scripts == {e.replace("-", "_") for e in EXPERIMENTS} | {"reproduce"}
 
 
+def test_cpu_only_experiment_says_it_ignores_the_device(tmp_path):
+    ctx = get_experiment("memory").context("smoke", tmp_path, None, "cuda", None, "inline")
+    assert ctx.device == "cpu" and ctx.device_requested == "cuda"
+    assert "memory runs on cpu only" in ctx.device_note
+    ctx = get_experiment("heun-depth").context("smoke", tmp_path, None, "cuda", None, "inline")
+    assert ctx.device == "cuda" and ctx.device_note is None
+
+
 def test_memory_block_is_the_library_mlp_block():
     from resode.models.blocks import mlp_block
     from resode.reproduce.memory import build

@@ -28,7 +28,14 @@ from typing import Any
 from .claims import VERDICTS, Claim
 from .experiment import Experiment
 from .files import write_json
-from .inputs import PRESETS, UsageError, check_launcher, check_preset, default_launcher
+from .inputs import (
+    PRESETS,
+    UsageError,
+    check_device,
+    check_launcher,
+    check_preset,
+    default_launcher,
+)
 
 #: experiment id -> module (in the order of the report)
 EXPERIMENTS: dict[str, str] = {
@@ -70,11 +77,9 @@ def get_experiment(exp_id: str) -> Experiment:
 
 def _check_inputs(preset, out, device, data_root, launcher) -> tuple[str, str | None]:
     """Check every input once; return the device and launcher to use."""
-    from resode.utils import resolve_device
-
     check_preset(preset)
     check_launcher(launcher)
-    return str(resolve_device(device)), launcher or default_launcher(preset)
+    return check_device(device), launcher or default_launcher(preset)
 
 
 def _run_one(exp_id: str, preset: str, out, seeds, device, data_root, launcher, **kw) -> dict:
@@ -108,8 +113,8 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run one experiment; returns its summary (also written to ``<out>/<id>/summary.json``).
 
-    ``overrides`` replace preset settings (``train_overrides={...}`` applies to every
-    training section).
+    Bad inputs raise :class:`UsageError` before anything runs; ``overrides`` replace preset
+    settings (``train_overrides={...}`` applies to every training section).
     """
     get_experiment(exp_id)
     device, launcher = _check_inputs(preset, out, device, data_root, launcher)

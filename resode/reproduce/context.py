@@ -20,7 +20,8 @@ class Context:
         cfg: the preset's settings merged with the caller's overrides (recorded in provenance).
         seeds: the seeds to run (command line, else the preset's, else the experiment's).
         out_dir: ``<out>/<id>``.
-        device: where the experiment runs.
+        device: where the experiment runs; ``device_requested`` what was asked for, and
+            ``device_note`` why they differ (``None`` when they do not).
         data_root, dataset, data_kwargs: the data (``dataset`` is ``None`` without data).
         launcher: the sweep launcher (see :func:`resode.reproduce.sweeps.run_sweep`).
         train_overrides: training settings applied over every training section of the preset
@@ -35,6 +36,8 @@ class Context:
     seeds: list[int]
     out_dir: Path
     device: str
+    device_requested: str
+    device_note: str | None
     data_root: str | None
     launcher: str
     dataset: str | None

@@ -60,7 +60,8 @@ class Experiment:
         claims: ``claims(ctx, numbers) -> list[Claim]``.
         figure_name: file name (no suffix) of a single figure.
         paper_dataset: the dataset of the paper preset; ``None`` for experiments without data.
-        devices: device types the experiment can run on; on another one it runs on the CPU.
+        devices: device types the experiment can run on; on another one it runs on the CPU and
+            says so.
         default_seeds: seeds when neither the command nor the preset gives them.
     """
 
@@ -90,7 +91,10 @@ class Experiment:
         """The settings of one run: preset merged with ``overrides``, seeds, folder, data."""
         check_preset(preset, list(self.presets))
         cfg = {**self.presets[preset], **overrides}
-        run_device = device if device.split(":")[0] in self.devices else "cpu"
+        run_device, note = device, None
+        if device.split(":")[0] not in self.devices:
+            run_device = "cpu"
+            note = f"{self.id} runs on {'/'.join(self.devices)} only: --device {device} not used"
         dataset, data_kwargs = None, {}
         if self.paper_dataset is not None:
             default = PRESET_DATA.get(preset, (self.paper_dataset, {}))
@@ -100,7 +104,8 @@ class Experiment:
         return Context(
             experiment=self.id, preset=preset, cfg=cfg,
             seeds=list(seeds or cfg.get("seeds") or self.default_seeds),
-            out_dir=Path(out) / self.id, device=run_device, data_root=data_root,
+            out_dir=Path(out) / self.id, device=run_device, device_requested=device,
+            device_note=note, data_root=data_root,
             launcher=launcher, dataset=dataset, data_kwargs=data_kwargs,
             train_overrides=dict(train_overrides or {}),
         )  # fmt: skip
@@ -118,6 +123,8 @@ class Experiment:
         """Run the experiment into ``<out>/<id>/``; return its summary."""
         t0 = time.time()
         ctx = self.context(preset, out, seeds, device, data_root, launcher, **overrides)
+        if ctx.device_note:
+            print(f"[resode] note: {ctx.device_note}", flush=True)
         results = self.collect(ctx)
         numbers = self.aggregate(ctx, results)
         figs = self.figure(ctx, numbers)
@@ -131,11 +138,13 @@ class Experiment:
 def finish(ctx: Context, t0: float, numbers: dict[str, Any], claims: Sequence[Claim]) -> dict:
     """Write ``provenance.json`` and ``summary.json`` (``complete``: true); return the summary."""
     wall = time.time() - t0
-    prov = provenance(ctx.experiment, ctx.preset, ctx.cfg, ctx.seeds, ctx.device, wall)
+    prov = provenance(ctx.experiment, ctx.preset, ctx.cfg, ctx.seeds, ctx.device, wall,
+                      device_requested=ctx.device_requested)  # fmt: skip
     write_json(ctx.out_dir / "provenance.json", prov)
     summary = {
         "experiment": ctx.experiment,
         "preset": ctx.preset,
+        "device": ctx.device,
         "numbers": numbers,
         "claims": [c.to_dict() for c in claims],
         "figures": list(ctx.figures),
@@ -143,5 +152,7 @@ def finish(ctx: Context, t0: float, numbers: dict[str, Any], claims: Sequence[Cl
         "wall_time_s": round(wall, 3),
         "complete": True,
     }
+    if ctx.device_note:
+        summary["device_note"] = ctx.device_note
     write_json(ctx.out_dir / "summary.json", summary)
     return summary

@@ -1,9 +1,13 @@
-"""The inputs of the experiment commands: presets and launchers.
+"""The inputs of the experiment commands (preset, launcher, device), checked once before
+anything runs.
 
-Each check raises :class:`UsageError` with one line that names the bad value and the fix.
+Each check raises :class:`UsageError` with one line that names the bad value and the fix; the
+``resode`` command prints it and exits with status 2.
 """
 
 from __future__ import annotations
+
+import torch
 
 from .sweeps import LAUNCHERS
 
@@ -30,3 +34,37 @@ def check_launcher(launcher: str | None) -> str | None:
 def default_launcher(preset: str) -> str:
     """``inline`` (one process, fast, used by CI) for smoke/quick; submitit ``local`` for paper."""
     return "local" if preset == "paper" else "inline"
+
+
+def available_devices() -> list[str]:
+    """The devices this machine can run on: ``cpu``, then ``cuda:0``... and ``mps`` if present."""
+    devs = ["cpu"]
+    if torch.cuda.is_available():
+        devs += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devs.append("mps")
+    return devs
+
+
+def check_device(name: str | None) -> str:
+    """The device ``name`` (``auto``: CUDA when a GPU is visible, else ``cpu``), checked against
+    :func:`available_devices`. A CUDA name without an index is kept as given (``cuda``), so
+    ``torchrun`` can place each process on its own GPU."""
+    avail = available_devices()
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(
+            f"--device {name!r} is not a device name; available here: {', '.join(avail)}"
+        ) from None
+    ok = dev.type == "cpu" or (
+        f"{dev.type}:{dev.index or 0}" in avail if dev.type == "cuda" else dev.type in avail
+    )
+    if not ok:
+        raise UsageError(
+            f"--device {name!r} is not available on this machine; available: {', '.join(avail)}"
+            + ("" if torch.cuda.is_available() else " (no GPU visible: use --device cpu)")
+        )
+    return str(name)

@@ -130,8 +130,10 @@ def _section(out: Path, exp_id: str, title: str, st: dict[str, Any]) -> list[str
         return lines + [f"**Not run**: {st['why']}.", ""]
     s = st["summary"]
     when = " From an earlier run of this preset." if st.get("earlier") else ""
-    lines += [f"Wall time {s['wall_time_s']:.0f} s. Provenance: `{exp_id}/provenance.json`."
-              f"{when}", ""]  # fmt: skip
+    lines += [f"Wall time {s['wall_time_s']:.0f} s on {s.get('device', 'cpu')}. Provenance: "
+              f"`{exp_id}/provenance.json`.{when}", ""]  # fmt: skip
+    if s.get("device_note"):
+        lines += [f"Note: {s['device_note']}.", ""]
     for c in s["claims"]:
         rule = f" (rule: {c['rule']})" if c.get("rule") else ""
         lines.append(f"- {c['text']}: {c['evidence']} -> **{c['verdict']}**{rule}")
