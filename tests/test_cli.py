@@ -58,6 +58,23 @@ def test_unavailable_device_is_one_line_exit_2(tmp_path, command, device):
     assert list(tmp_path.iterdir()) == []  # refused before anything ran
 
 
+def test_out_that_is_a_file_or_unwritable_is_one_line_exit_2(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    rc, out = resode("run", "memory", "--preset", "smoke", "--out", str(f))
+    assert_clean_failure(rc, out, 2, "is a file, not a directory")
+    rc, out = resode("reproduce", "--preset", "smoke", "--out", str(f / "sub"))
+    assert_clean_failure(rc, out, 2, "cannot be written", "choose a writable directory")
+    rc, out = resode("run", "memory", "--preset", "smoke", "--out", "/proc/resode-results")
+    assert_clean_failure(rc, out, 2, "cannot be written")
+
+
+def test_missing_data_root_is_one_line_exit_2(tmp_path):
+    rc, out = resode("run", "tied-depth", "--preset", "smoke", "--out", str(tmp_path),
+                     "--data-root", str(tmp_path / "no-such-dir"))  # fmt: skip
+    assert_clean_failure(rc, out, 2, "--data-root", "does not exist")
+
+
 # ----------------------------------------------------------------------------- failures
 def test_failed_experiment_exits_1_with_one_line_and_traceback_only_on_debug(tmp_path):
     (tmp_path / "linear-weights").write_text("a file where the results folder should be")

@@ -31,8 +31,10 @@ from .files import write_json
 from .inputs import (
     PRESETS,
     UsageError,
+    check_data_root,
     check_device,
     check_launcher,
+    check_out_dir,
     check_preset,
     default_launcher,
 )
@@ -79,7 +81,10 @@ def _check_inputs(preset, out, device, data_root, launcher) -> tuple[str, str | 
     """Check every input once; return the device and launcher to use."""
     check_preset(preset)
     check_launcher(launcher)
-    return check_device(device), launcher or default_launcher(preset)
+    device = check_device(device)
+    check_data_root(data_root)
+    check_out_dir(out)
+    return device, launcher or default_launcher(preset)
 
 
 def _run_one(exp_id: str, preset: str, out, seeds, device, data_root, launcher, **kw) -> dict:

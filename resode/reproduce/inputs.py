@@ -1,11 +1,14 @@
-"""The inputs of the experiment commands (preset, launcher, device), checked once before
-anything runs.
+"""The inputs of the experiment commands, checked once before anything runs.
 
 Each check raises :class:`UsageError` with one line that names the bad value and the fix; the
 ``resode`` command prints it and exits with status 2.
 """
 
 from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -68,3 +71,34 @@ def check_device(name: str | None) -> str:
             + ("" if torch.cuda.is_available() else " (no GPU visible: use --device cpu)")
         )
     return str(name)
+
+
+def check_out_dir(out: str | os.PathLike) -> Path:
+    """``out`` as a directory that exists (created if needed) and can be written to."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a file, not a directory; choose a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise UsageError(
+            f"--out {str(out)!r} cannot be written ({why}); choose a writable directory"
+        ) from None
+    return path
+
+
+def check_data_root(data_root: str | os.PathLike | None) -> str | None:
+    """``data_root`` if it is an existing directory (``None`` passes: use the defaults)."""
+    if data_root is None:
+        return None
+    path = Path(data_root).expanduser()
+    if not path.is_dir():
+        what = "is not a directory" if path.exists() else "does not exist"
+        raise UsageError(
+            f"--data-root {str(data_root)!r} {what}; give the folder that holds the datasets "
+            "(or leave it out to use $RESODE_DATA and the default locations)"
+        )
+    return str(data_root)
