@@ -1,6 +1,7 @@
 """The ``resode`` command as a user meets it (issue 12): every failure exits non-zero with one
 line that says what failed and how to fix it, no traceback unless ``--debug``; bad inputs are
-refused before anything runs (exit 2); REPORT.md shows only results of the preset it is about.
+refused before anything runs (exit 2); REPORT.md shows only results of the preset it is about;
+damaged checkpoints inside a sweep are retrained, naming the folder.
 
 Every test runs the command in a subprocess, as a user would.
 """
@@ -133,3 +134,39 @@ def test_only_updates_its_sections_and_never_mixes_presets(tmp_path):
         "| reconstruction | (all claims) | not run at preset smoke (reconstruction/ holds a "
         "quick result) | **not run** |"
     ]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def test_sweep_retrains_points_whose_checkpoint_is_unreadable(tmp_path):
+    out = str(tmp_path)
+    assert resode("run", "tied-depth", "--preset", "smoke", "--out", out)[0] == 0
+    summary = tmp_path / "tied-depth" / "summary.json"
+    before = json.loads(summary.read_text())["numbers"]
+    runs = tmp_path / "tied-depth" / "runs"
+    damaged = {"steps1-s0": lambda b: b"not a checkpoint" * 10, "steps2-s0": lambda b: b"",
+               "steps4-s0": lambda b: b[: len(b) // 2]}  # garbage, empty, truncated  # fmt: skip
+    for point, damage in damaged.items():
+        ckpt = runs / point / "checkpoint.pt"
+        ckpt.write_bytes(damage(ckpt.read_bytes()))
+    rc, out2 = resode("run", "tied-depth", "--preset", "smoke", "--out", out)
+    assert rc == 0 and "Traceback" not in out2, out2
+    for point in damaged:
+        assert f"rerunning point {point}" in out2 and str(runs / point) in out2, out2
+    assert json.loads(summary.read_text())["numbers"] == before  # retrained to the same result
+    # an interrupted point (no result file) whose checkpoint is damaged starts afresh
+    (runs / "steps2-s0.json").unlink()
+    (runs / "steps2-s0" / "checkpoint.pt").write_bytes(b"garbage")
+    rc, out3 = resode("run", "tied-depth", "--preset", "smoke", "--out", out)
+    assert rc == 0 and "Traceback" not in out3, out3
+    assert f"checkpoint {runs / 'steps2-s0' / 'checkpoint.pt'} is unreadable" in out3, out3
+    assert json.loads(summary.read_text())["numbers"] == before
+
+
+def test_damaged_checkpoint_read_by_a_measurement_names_the_run_folder(tmp_path):
+    from resode.reproduce.training import CheckpointUnreadable, load_model
+
+    bad = tmp_path / "run-a" / "checkpoint.pt"
+    bad.parent.mkdir()
+    bad.write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointUnreadable, match=f"delete the run folder {bad.parent}"):
+        load_model(bad)

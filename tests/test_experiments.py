@@ -21,7 +21,7 @@ from resode.reproduce import EXPERIMENTS, get_experiment, reproduce
 from resode.reproduce.claims import VERDICTS, Claim, seed_stats, verdict_above_noise
 from resode.reproduce.files import read_complete
 from resode.reproduce.report import MARKS
-from resode.reproduce.sweeps import run_sweep
+from resode.reproduce.sweeps import SweepPointError, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,6 +146,19 @@ def test_sweep_skips_finished_runs(tmp_path):
     r2 = run_sweep(fn, jobs, tmp_path, key=lambda j: f"x{j['x']}")
     assert calls == [0, 1, 2, 1] and [r["y"] for r in r2] == [0, 1, 4]
     assert (r2.ran, r2.reused) == (1, 2)
+    # a stored result that `validate` rejects is rerun; changed arguments rerun the point
+    r3 = run_sweep(fn, jobs, tmp_path, key=lambda j: f"x{j['x']}",
+                   validate=lambda r: "bad file" if r["y"] == 4 else None)  # fmt: skip
+    assert calls == [0, 1, 2, 1, 2] and (r3.ran, r3.reused) == (1, 2)
+
+
+def test_sweep_failure_names_the_point(tmp_path):
+    def fn(x):
+        raise ValueError("broken input")
+
+    with pytest.raises(SweepPointError, match=r"point x7 \(files in .*\) failed: ValueError"):
+        run_sweep(fn, [dict(x=7)], tmp_path, key=lambda j: f"x{j['x']}")
+    assert not (tmp_path / "x7.json").exists()
 
 
 def test_claim_rejects_bad_verdicts_and_nan_successes():

@@ -66,11 +66,12 @@ class Context:
         folder: str = "runs",
         desc: str | None = None,
         launcher: str | None = None,
+        validate: Callable[[dict[str, Any]], str | None] | None = None,
     ) -> SweepResults:
         """:func:`run_sweep` of ``fn`` over ``jobs`` with result files in ``out_dir/folder``."""
         res = run_sweep(
             fn, jobs, self.out_dir / folder, key=key, launcher=launcher or self.launcher,
-            desc=self.experiment + (f": {desc}" if desc else ""),
+            desc=self.experiment + (f": {desc}" if desc else ""), validate=validate,
         )  # fmt: skip
         self.points_computed += res.ran
         self.points_reused += res.reused
@@ -99,11 +100,12 @@ class Context:
     def train_sweep(
         self, jobs: Sequence[Job], folder: str = "runs", desc: str | None = None, fn=None
     ) -> SweepResults:
-        """Run training jobs (:meth:`train_job`)."""
-        from .training import train_run
+        """Run training jobs (:meth:`train_job`); a finished run whose checkpoint cannot be read
+        is trained again (the folder is named)."""
+        from .training import checkpoint_problem, train_run
 
         return self.sweep(fn or train_run, jobs, key=lambda j: Path(j["run_dir"]).name,
-                          folder=folder, desc=desc)  # fmt: skip
+                          folder=folder, desc=desc, validate=checkpoint_problem)  # fmt: skip
 
     def write_table(self, name: str, rows: Sequence[dict[str, Any]], report: bool = True) -> None:
         """Write ``out_dir/name`` as CSV; ``report``: list it in the summary and the report."""

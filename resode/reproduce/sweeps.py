@@ -21,6 +21,10 @@ LAUNCHERS: tuple[str, ...] = ("inline", "local", "slurm")
 Job = dict[str, Any]
 
 
+class SweepPointError(RuntimeError):
+    """A point of a sweep failed; the message names the point and the folder of its files."""
+
+
 class SweepResults(list):
     """The results of a sweep, in job order; ``ran`` points were computed now, ``reused`` read
     from the files of an earlier run."""
@@ -40,7 +44,13 @@ def file_stamp(path: str | os.PathLike | None) -> float | None:
 def _run_job(fn: Callable[..., dict[str, Any]], path: str, job: Job) -> dict[str, Any]:
     """Run one sweep point and write its result file (``complete`` set last)."""
     t0 = time.time()
-    result = dict(fn(**job))
+    try:
+        result = dict(fn(**job))
+    except Exception as e:
+        folder = job.get("run_dir") or Path(path).parent
+        raise SweepPointError(
+            f"point {Path(path).stem} (files in {folder}) failed: {type(e).__name__}: {e}"
+        ) from e
     result.setdefault("job", job)
     result["wall_time_s"] = round(time.time() - t0, 3)
     result["complete"] = True
@@ -48,11 +58,15 @@ def _run_job(fn: Callable[..., dict[str, Any]], path: str, job: Job) -> dict[str
     return result
 
 
-def _stored(path: Path, job: Job) -> dict[str, Any] | None:
+def _stored(path: Path, job: Job, validate, desc: str) -> dict[str, Any] | None:
     """The finished result of ``job`` at ``path`` if it can be reused, else ``None``."""
     r = read_complete(path)
     if r is None or r.get("job") != to_jsonable(job):
         return None  # not run, interrupted, or run with other arguments
+    why = validate(r) if validate is not None else None
+    if why:
+        print(f"[resode] {desc}: rerunning point {path.stem}: {why}", flush=True)
+        return None
     return r
 
 
@@ -100,6 +114,7 @@ def run_sweep(
     desc: str = "sweep",
     parallel: int = 1,
     slurm: dict[str, Any] | None = None,
+    validate: Callable[[dict[str, Any]], str | None] | None = None,
 ) -> SweepResults:
     """Run ``fn(**job)`` for every job, skipping the ones already finished; return all results.
 
@@ -112,9 +127,11 @@ def run_sweep(
             executor: one subprocess per job, at most ``parallel`` at a time) or ``"slurm"``
             (submitit on a Slurm cluster, ``slurm`` holds the executor parameters).
         parallel: concurrent jobs for the local/slurm launchers.
+        validate: called on a finished result before it is reused; a returned reason (e.g.
+            "its checkpoint is unreadable") reruns the point and is printed.
 
-    A point whose file is complete and holds the same arguments is not run again, so an
-    interrupted sweep resumes where it stopped (changed arguments rerun the point).
+    A point whose file is complete and holds the same arguments is not run again; a failing
+    point raises :class:`SweepPointError` naming it.
     """
     from tqdm.auto import tqdm
 
@@ -125,7 +142,7 @@ def run_sweep(
     paths = [run_dir / f"{key(j)}.json" for j in jobs]
     if len(set(paths)) != len(paths):
         raise ValueError("sweep keys are not unique")
-    results = [_stored(p, j) for p, j in zip(paths, jobs)]
+    results = [_stored(p, j, validate, desc) for p, j in zip(paths, jobs)]
     todo = [(i, str(paths[i]), jobs[i]) for i, r in enumerate(results) if r is None]
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, leave=False,
                dynamic_ncols=True)  # fmt: skip

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -40,20 +41,68 @@ def one_batch(
     return next(iter(data.loader(split, batch, seed=seed)))
 
 
+#: what reading a damaged checkpoint raises (torch.load of an empty, truncated or garbage
+#: file: EOFError, RuntimeError, UnpicklingError, OSError; a foreign file: ValueError)
+CHECKPOINT_READ_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError,
+)  # fmt: skip
+
+
+class CheckpointUnreadable(RuntimeError):
+    """A checkpoint a sweep point needs cannot be read; the message names the run folder."""
+
+
+def _load_checkpoint(path: str | Path) -> dict[str, Any]:
+    try:  # the checkpoint module of the library, where it exists
+        from resode.checkpoint import load_checkpoint
+    except ImportError:
+        from resode.train import load_checkpoint
+    return load_checkpoint(path)
+
+
+def checkpoint_problem(result: dict[str, Any]) -> str | None:
+    """Why the checkpoint of a finished training point cannot be used (``None``: it can)."""
+    path = result.get("checkpoint")
+    if not path:
+        return None
+    if not Path(path).is_file():
+        return f"its checkpoint {path} is missing; training {Path(path).parent} again"
+    try:
+        _load_checkpoint(path)
+    except CHECKPOINT_READ_ERRORS as e:
+        return (f"its checkpoint {path} is unreadable ({type(e).__name__}: {e}); "
+                f"training {Path(path).parent} again")  # fmt: skip
+    return None
+
+
 def load_model(path: str | Path) -> nn.Module:
-    """The model of a training checkpoint (rebuilt from its stored config)."""
+    """The model of a training checkpoint; a damaged file raises :class:`CheckpointUnreadable`
+    naming the run folder to delete."""
     from resode.train import model_from_checkpoint
 
-    return model_from_checkpoint(path)
+    try:
+        return model_from_checkpoint(path)
+    except CHECKPOINT_READ_ERRORS as e:
+        raise CheckpointUnreadable(
+            f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete the run "
+            f"folder {Path(path).parent} and rerun"
+        ) from e
 
 
 def _prepare_run_dir(run_dir: str, args: dict[str, Any]) -> None:
-    """Start ``run_dir`` afresh when it was left by other arguments (never resume from it);
-    record the arguments."""
+    """Start ``run_dir`` afresh when it was left by other arguments or holds a damaged
+    checkpoint (never resume from either); record the arguments."""
     run = Path(run_dir)
     stamp = run / "run_args.json"
     text = json.dumps(args, sort_keys=True, default=str)
-    if stamp.is_file() and stamp.read_text() != text:
+    fresh = stamp.is_file() and stamp.read_text() != text
+    ckpt = run / "checkpoint.pt"
+    if not fresh and ckpt.is_file():
+        why = checkpoint_problem({"checkpoint": str(ckpt)})
+        if why:
+            print(f"[resode] {run}: {why.replace('its checkpoint', 'checkpoint')}", flush=True)
+            fresh = True
+    if fresh:
         for name in ("checkpoint.pt", "metrics.jsonl", "config.json"):
             (run / name).unlink(missing_ok=True)
     run.mkdir(parents=True, exist_ok=True)
@@ -114,7 +163,7 @@ def train_run(
 
     Args:
         run_dir: the run's directory (checkpoint, metrics; resumed if present and made with
-            the same arguments, started afresh otherwise).
+            the same arguments, started afresh otherwise or when its checkpoint is damaged).
         model, model_kwargs: registry name and arguments.
         init_checkpoint: start from the weights of this checkpoint (its model rebuilt from the
             checkpoint's config), optionally passed through ``transform`` (``"untie"``).
