@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from resode.cli import build_parser
-from resode.reproduce import EXPERIMENTS, get_experiment, reproduce
+from resode.reproduce import EXPERIMENTS, get_experiment, reproduce, run_experiment
 from resode.reproduce.claims import VERDICTS, Claim, seed_stats, verdict_above_noise
 from resode.reproduce.files import read_complete
 from resode.reproduce.report import MARKS
@@ -67,6 +67,7 @@ def test_smoke_outputs(smoke, exp_id):
         lines = (d / t).read_text().strip().splitlines()
         assert len(lines) >= 2, f"{exp_id}: table {t} is empty"
     assert s["claims"], f"{exp_id}: no claims"
+    assert s["preset"] == prov["preset"] == "smoke"
     for c in s["claims"]:
         assert c["verdict"] in VERDICTS
         assert re.search(r"\d", c["evidence"]), c
@@ -209,6 +210,27 @@ def test_experiment_scripts_run_from_a_checkout(script):
 def test_every_experiment_has_its_script():
     scripts = {p.stem for p in (ROOT / "experiments").glob("*.py") if not p.stem.startswith("_")}
     assert scripts == {e.replace("-", "_") for e in EXPERIMENTS} | {"reproduce"}
+
+
+def test_rerun_keeps_the_provenance_of_reused_results(smoke, tmp_path):
+    """A rerun that computes nothing keeps the provenance (command, commit, wall time) of the
+    run that made the results; the numbers are unchanged."""
+    import shutil
+
+    out, _ = smoke
+    shutil.copytree(out / "linear-weights", tmp_path / "linear-weights")
+    before = (tmp_path / "linear-weights" / "provenance.json").read_text()
+    old = read_complete(tmp_path / "linear-weights" / "summary.json")
+    s = run_experiment("linear-weights", "smoke", out=tmp_path)
+    assert (tmp_path / "linear-weights" / "provenance.json").read_text() == before
+    assert s["reused"] is True and s["wall_time_s"] == old["wall_time_s"]
+    assert s["numbers"] == old["numbers"] and s["claims"] == old["claims"]
+    # a rerun with another seed computes new points: new provenance naming the earlier run
+    s = run_experiment("linear-weights", "smoke", out=tmp_path, seeds=[0, 1])
+    prov = json.loads((tmp_path / "linear-weights" / "provenance.json").read_text())
+    assert prov["points_computed"] == 3 and prov["points_reused"] == 3
+    assert prov["reused_from"]["wall_time_s"] == json.loads(before)["wall_time_s"]
+    assert "reused" not in s
 
 
 def test_cpu_only_experiment_says_it_ignores_the_device(tmp_path):

@@ -32,7 +32,7 @@ from typing import Any
 from .claims import Claim
 from .context import Context
 from .figures import save_figure
-from .files import write_json
+from .files import read_json, to_jsonable, write_json
 from .inputs import check_preset
 from .provenance import provenance
 
@@ -105,9 +105,8 @@ class Experiment:
             experiment=self.id, preset=preset, cfg=cfg,
             seeds=list(seeds or cfg.get("seeds") or self.default_seeds),
             out_dir=Path(out) / self.id, device=run_device, device_requested=device,
-            device_note=note, data_root=data_root,
-            launcher=launcher, dataset=dataset, data_kwargs=data_kwargs,
-            train_overrides=dict(train_overrides or {}),
+            device_note=note, data_root=data_root, launcher=launcher, dataset=dataset,
+            data_kwargs=data_kwargs, train_overrides=dict(train_overrides or {}),
         )  # fmt: skip
 
     def run(
@@ -135,11 +134,35 @@ class Experiment:
         return finish(ctx, t0, public, claims)
 
 
+def _provenance_record(ctx: Context, wall: float) -> tuple[dict[str, Any], bool]:
+    """``(record, kept)``: the provenance to write; ``kept`` when it is the earlier record
+    because this run computed nothing new."""
+    old = read_json(ctx.out_dir / "provenance.json")
+    rec = provenance(
+        ctx.experiment, ctx.preset, ctx.cfg, ctx.seeds, ctx.device, wall,
+        device_requested=ctx.device_requested, points_computed=ctx.points_computed,
+        points_reused=ctx.points_reused,
+    )  # fmt: skip
+    same = old is not None and all(
+        to_jsonable(old.get(k)) == to_jsonable(rec[k])
+        for k in ("experiment", "preset", "config", "seeds", "device")
+    )
+    if same and ctx.points_computed == 0 and ctx.points_reused > 0:
+        return old, True  # every result was reused: keep the record of the run that made them
+    if old is not None and ctx.points_reused > 0:
+        keep = ("command", "git_commit", "date_utc", "wall_time_s")
+        rec["reused_from"] = old.get("reused_from") or {k: old.get(k) for k in keep}
+    return rec, False
+
+
 def finish(ctx: Context, t0: float, numbers: dict[str, Any], claims: Sequence[Claim]) -> dict:
-    """Write ``provenance.json`` and ``summary.json`` (``complete``: true); return the summary."""
-    wall = time.time() - t0
-    prov = provenance(ctx.experiment, ctx.preset, ctx.cfg, ctx.seeds, ctx.device, wall,
-                      device_requested=ctx.device_requested)  # fmt: skip
+    """Write ``provenance.json`` and ``summary.json`` (``complete``: true); return the summary.
+
+    A rerun that reused every sweep point keeps the earlier provenance and wall time (they
+    describe the run that computed the results); a partial rerun names the earlier run under
+    ``reused_from``.
+    """
+    prov, kept = _provenance_record(ctx, time.time() - t0)
     write_json(ctx.out_dir / "provenance.json", prov)
     summary = {
         "experiment": ctx.experiment,
@@ -149,9 +172,11 @@ def finish(ctx: Context, t0: float, numbers: dict[str, Any], claims: Sequence[Cl
         "claims": [c.to_dict() for c in claims],
         "figures": list(ctx.figures),
         "tables": list(ctx.tables),
-        "wall_time_s": round(wall, 3),
+        "wall_time_s": prov["wall_time_s"],
         "complete": True,
     }
+    if kept:
+        summary["reused"] = True
     if ctx.device_note:
         summary["device_note"] = ctx.device_note
     write_json(ctx.out_dir / "summary.json", summary)

@@ -116,8 +116,8 @@ def _claims_table(states: dict[str, dict[str, Any]]) -> list[str]:
         "",
         "Totals: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())),
         "",
-        f"Sum of the experiments' wall times: {total / 60:.1f} min (a resumed run counts only "
-        "the work it redid).",
+        f"Sum of the experiments' wall times: {total / 60:.1f} min (a rerun that reused "
+        "finished sweep points counts the time of the run that computed them).",
         "",
     ]
 
