@@ -1,17 +1,5 @@
-"""`adjoint-failure`: one command for this experiment of Sander, Ablin & Peyre (NeurIPS 2022).
+"""`resode run adjoint-failure ARGS` from a checkout (Fig. 3b, adjoint on a non-ODE ResNet)."""
 
-    python experiments/adjoint_failure.py --preset quick [--out DIR] [--seeds 0 1]
+from _entry import run
 
-Same as `resode run adjoint-failure ...`;
-the logic lives in `resode.reproduce` (DESIGN.md section 5).
-"""
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
-
-from resode.cli import experiment_main  # noqa: E402
-
-if __name__ == "__main__":
-    sys.exit(experiment_main("adjoint-failure"))
+run(__file__)

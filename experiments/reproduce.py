@@ -1,14 +1,5 @@
-"""Run every experiment and write ``results/REPORT.md`` (same as ``resode reproduce``).
+"""`resode reproduce ARGS` from a checkout (every experiment, REPORT.md)."""
 
-python experiments/reproduce.py --preset quick
-"""
+from _entry import run
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
-
-from resode.cli import main  # noqa: E402
-
-if __name__ == "__main__":
-    sys.exit(main(["reproduce", *sys.argv[1:]]))
+run(__file__)

@@ -1,24 +1,31 @@
 """The ``resode`` command: run the paper's experiments and the reproduce-all report.
 
     resode list
-    resode run <id> --preset smoke|quick|paper [--out DIR] [--device cpu|cuda]
-                    [--seeds 0 1 2] [--data-root DIR] [--launcher inline|local|slurm]
+    resode run <id> --preset smoke|quick|paper [--out DIR] [--device auto|cpu|cuda|cuda:1]
+                    [--seeds 0 1 2] [--data-root DIR] [--launcher inline|local|slurm] [--debug]
     resode reproduce --preset quick [--out DIR] [--only id ...]     # writes DIR/REPORT.md
 
-The experiments live in :mod:`resode.reproduce` (one module per id); ``experiments/<id>.py`` in
-the repository are the same commands for one experiment (``python experiments/memory.py
---preset quick``).
+Exit status: 0 when everything asked for ran, 1 when an experiment failed, 2 for a bad input
+(checked before anything runs). Errors are one line that says what failed and how to fix it;
+``--debug`` (or ``RESODE_DEBUG=1``) prints the Python traceback too. The experiments live in
+:mod:`resode.reproduce`; ``experiments/<id>.py`` in the repository are the same commands for one
+experiment (``python experiments/memory.py --preset quick``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
-from .reproduce import EXPERIMENTS, get_experiment, reproduce, run_experiment
-from .reproduce.common import LAUNCHERS, PRESETS
+from .reproduce import EXPERIMENTS, PRESETS, UsageError, get_experiment
+from .reproduce.sweeps import LAUNCHERS
+
+DEBUG_ENV = "RESODE_DEBUG"
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -33,6 +40,11 @@ def _common(p: argparse.ArgumentParser) -> None:
         default=None,
         help="sweep launcher: inline (this process), local (submitit subprocesses), slurm "
         "(default: inline for smoke/quick, local for paper)",
+    )
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"print Python tracebacks of failures (also: {DEBUG_ENV}=1)",
     )
 
 
@@ -52,36 +64,81 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _say(msg: str) -> None:
+    print(f"resode: {msg}", file=sys.stderr, flush=True)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())
+
+
+def _where(args: argparse.Namespace, exp_id: str) -> str:
+    path = Path(args.out) / exp_id / "error.json"
+    return f"the traceback is in {path}" if path.is_file() else "--debug prints the traceback"
+
+
+def _run(args: argparse.Namespace, debug: bool) -> int:
+    from .reproduce import run_experiment
+
+    t0 = time.time()
+    exp_id = args.experiment
+    try:
+        s = run_experiment(exp_id, args.preset, args.out, args.seeds, args.device,
+                           args.data_root, args.launcher)  # fmt: skip
+    except UsageError:
+        raise
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+        _say(f"{exp_id} failed: {_one_line(e)} ({_where(args, exp_id)})")
+        return 1
+    print(f"{exp_id}: wrote {args.out}/{exp_id}/ in {time.time() - t0:.0f} s")
+    for c in s["claims"]:
+        print(f"  [{c['verdict']}] {c['text']}: {c['evidence']}")
+    return 0
+
+
+def _reproduce(args: argparse.Namespace, debug: bool) -> int:
+    from .reproduce import reproduce
+
+    def on_failure(exp_id: str, e: Exception) -> None:
+        if debug:
+            traceback.print_exception(e)
+        _say(f"{exp_id} FAILED: {_one_line(e)} ({_where(args, exp_id)})")
+
+    t0 = time.time()
+    res = reproduce(args.preset, args.out, args.only, args.device, args.data_root,
+                    args.launcher, args.seeds, on_failure=on_failure)  # fmt: skip
+    print(f"wrote {res.path} in {time.time() - t0:.0f} s")
+    if res.failed:
+        _say(f"{len(res.failed)} of {len(res.statuses)} experiments failed "
+             f"({', '.join(res.failed)}); the report marks them; fix the cause above and rerun "
+             f"them with --only {' '.join(res.failed)}")  # fmt: skip
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``resode`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
     if args.command == "list":
         for exp_id in EXPERIMENTS:
-            mod = get_experiment(exp_id)
-            print(f"{exp_id:16s} {mod.TITLE}")
+            print(f"{exp_id:16s} {get_experiment(exp_id).title}")
         return 0
-    from .reproduce.common import resolve_device
-
-    device = resolve_device(args.device)
-    t0 = time.time()
-    if args.command == "run":
-        s = run_experiment(
-            args.experiment,
-            args.preset,
-            args.out,
-            args.seeds,
-            device,
-            args.data_root,
-            args.launcher,
-        )
-        print(f"{args.experiment}: wrote {args.out}/{args.experiment}/ in {time.time() - t0:.0f} s")
-        for c in s["claims"]:
-            print(f"  [{c['verdict']}] {c['text']}: {c['evidence']}")
-        return 0
-    path = reproduce(
-        args.preset, args.out, args.only, device, args.data_root, args.launcher, args.seeds
-    )
-    print(f"wrote {path} in {time.time() - t0:.0f} s")
-    return 0
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    try:
+        return (_run if args.command == "run" else _reproduce)(args, debug)
+    except UsageError as e:
+        _say(f"error: {e}")
+        return 2
+    except KeyboardInterrupt:
+        _say("interrupted; rerun the same command to resume (finished points are kept)")
+        return 130
+    except Exception as e:  # never a bare traceback: one line, the traceback on request
+        if debug:
+            traceback.print_exc()
+        _say(f"error: {_one_line(e)} (rerun with --debug for the traceback)")
+        return 1
 
 
 def experiment_main(exp_id: str, argv: Sequence[str] | None = None) -> int:

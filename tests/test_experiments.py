@@ -17,8 +17,11 @@ from pathlib import Path
 import pytest
 
 from resode.cli import build_parser
-from resode.reproduce import EXPERIMENTS, get_experiment, reproduce
-from resode.reproduce.common import VERDICTS, Claim, read_complete, run_sweep
+from resode.reproduce import EXPERIMENTS, get_experiment, reproduce, run_experiment
+from resode.reproduce.claims import VERDICTS, Claim, seed_stats, verdict_above_noise
+from resode.reproduce.files import read_complete
+from resode.reproduce.report import MARKS
+from resode.reproduce.sweeps import SweepPointError, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
     report = reproduce("smoke", out=out)
+    assert not report.failed, report.statuses
     return out, report
 
 
@@ -63,9 +67,11 @@ def test_smoke_outputs(smoke, exp_id):
         lines = (d / t).read_text().strip().splitlines()
         assert len(lines) >= 2, f"{exp_id}: table {t} is empty"
     assert s["claims"], f"{exp_id}: no claims"
+    assert s["preset"] == prov["preset"] == "smoke"
     for c in s["claims"]:
         assert c["verdict"] in VERDICTS
         assert re.search(r"\d", c["evidence"]), c
+        assert c["rule"], f"{exp_id}: claim {c['key']} states no verdict rule"
     nums = list(_finite_numbers(s["numbers"]))
     assert nums and all(math.isfinite(x) for x in nums)
 
@@ -106,7 +112,7 @@ def test_report_states_every_claim(smoke):
         exp_id, _, measured, verdict = cells
         assert exp_id in EXPERIMENTS
         assert re.search(r"\d", measured), ln  # a measured number
-        assert verdict.strip("*") in VERDICTS, ln
+        assert verdict.strip("*") in VERDICTS + MARKS, ln
     for e in EXPERIMENTS:
         s = read_complete(out / e / "summary.json")
         for f in s["figures"]:
@@ -117,9 +123,13 @@ def test_report_states_every_claim(smoke):
 def test_report_never_hides_a_failure(tmp_path):
     from resode.reproduce.report import write_report
 
-    path = write_report(tmp_path, "smoke", ["memory"], {"memory": {"ok": False, "error": "Boom"}})
+    path = write_report(tmp_path, "smoke", {"memory": {"ok": False, "error": "Boom"}})
     text = path.read_text()
-    assert "Boom" in text and "**not run**" in text
+    assert "| memory | (all claims) | failed: Boom | **failed** |" in text
+    # every other experiment is listed as not run (nothing in tmp_path), none is left out
+    for e in EXPERIMENTS:
+        if e != "memory":
+            assert f"| {e} | (all claims) | not run at preset smoke | **not run** |" in text
 
 
 def test_sweep_skips_finished_runs(tmp_path):
@@ -136,12 +146,38 @@ def test_sweep_skips_finished_runs(tmp_path):
     (tmp_path / "x1.json").write_text(json.dumps({"y": 1}))
     r2 = run_sweep(fn, jobs, tmp_path, key=lambda j: f"x{j['x']}")
     assert calls == [0, 1, 2, 1] and [r["y"] for r in r2] == [0, 1, 4]
+    assert (r2.ran, r2.reused) == (1, 2)
+    # a stored result that `validate` rejects is rerun; changed arguments rerun the point
+    r3 = run_sweep(fn, jobs, tmp_path, key=lambda j: f"x{j['x']}",
+                   validate=lambda r: "bad file" if r["y"] == 4 else None)  # fmt: skip
+    assert calls == [0, 1, 2, 1, 2] and (r3.ran, r3.reused) == (1, 2)
+
+
+def test_sweep_failure_names_the_point(tmp_path):
+    def fn(x):
+        raise ValueError("broken input")
+
+    with pytest.raises(SweepPointError, match=r"point x7 \(files in .*\) failed: ValueError"):
+        run_sweep(fn, [dict(x=7)], tmp_path, key=lambda j: f"x{j['x']}")
+    assert not (tmp_path / "x7.json").exists()
 
 
 def test_claim_rejects_bad_verdicts_and_nan_successes():
     with pytest.raises(ValueError):
         Claim("k", "t", "e 1", 1.0, "maybe")
     assert Claim("k", "t", "e", float("nan"), "reproduced").verdict == "not reproduced"
+
+
+def test_seed_statistics_and_noise_verdicts():
+    st = seed_stats([1.0, 2.0, 3.0])
+    assert st == {"mean": 2.0, "std": 1.0, "min": 1.0, "max": 3.0, "n": 3}
+    assert seed_stats([5.0])["std"] == 0.0
+    assert verdict_above_noise([2.0, 3.0, 4.0])[0] == "reproduced"  # 3 > 1
+    assert verdict_above_noise([-2.0, -3.0, -4.0])[0] == "not reproduced"
+    assert verdict_above_noise([-1.0, 0.5, 1.0])[0] == "inconclusive"  # |0.17| < 1.04
+    assert verdict_above_noise([10.0])[0] == "inconclusive"  # one seed: no spread to judge
+    verdict, rule = verdict_above_noise([2.0, 3.0, 4.0], k=2.0)
+    assert verdict == "reproduced" and "2 x seed std" in rule
 
 
 def test_cli_parses_documented_commands():
@@ -154,16 +190,62 @@ def test_cli_parses_documented_commands():
     with pytest.raises(SystemExit):
         p.parse_args(["run", "nope"])
     for e in EXPERIMENTS:
-        mod = get_experiment(e)
-        assert set(mod.PRESETS) == {"smoke", "quick", "paper"}, e
+        exp = get_experiment(e)
+        assert exp.id == e and set(exp.presets) == {"smoke", "quick", "paper"}, e
 
 
-def test_experiment_scripts_run_from_a_checkout():
+@pytest.mark.parametrize("script", ["memory.py", "reproduce.py"])
+def test_experiment_scripts_run_from_a_checkout(script):
     out = subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "memory.py"), "--help"],
+        [sys.executable, str(ROOT / "experiments" / script), "--help"],
         capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=120,
     )
     assert out.returncode == 0 and "--preset" in out.stdout
+    assert ("--only" in out.stdout) == (script == "reproduce.py")
+
+
+def test_every_experiment_has_its_script():
+    scripts = {p.stem for p in (ROOT / "experiments").glob("*.py") if not p.stem.startswith("_")}
+    assert scripts == {e.replace("-", "_") for e in EXPERIMENTS} | {"reproduce"}
+
+
+def test_rerun_keeps_the_provenance_of_reused_results(smoke, tmp_path):
+    """A rerun that computes nothing keeps the provenance (command, commit, wall time) of the
+    run that made the results; the numbers are unchanged."""
+    import shutil
+
+    out, _ = smoke
+    shutil.copytree(out / "linear-weights", tmp_path / "linear-weights")
+    before = (tmp_path / "linear-weights" / "provenance.json").read_text()
+    old = read_complete(tmp_path / "linear-weights" / "summary.json")
+    s = run_experiment("linear-weights", "smoke", out=tmp_path)
+    assert (tmp_path / "linear-weights" / "provenance.json").read_text() == before
+    assert s["reused"] is True and s["wall_time_s"] == old["wall_time_s"]
+    assert s["numbers"] == old["numbers"] and s["claims"] == old["claims"]
+    # a rerun with another seed computes new points: new provenance naming the earlier run
+    s = run_experiment("linear-weights", "smoke", out=tmp_path, seeds=[0, 1])
+    prov = json.loads((tmp_path / "linear-weights" / "provenance.json").read_text())
+    assert prov["points_computed"] == 3 and prov["points_reused"] == 3
+    assert prov["reused_from"]["wall_time_s"] == json.loads(before)["wall_time_s"]
+    assert "reused" not in s
+
+
+def test_cpu_only_experiment_says_it_ignores_the_device(tmp_path):
+    ctx = get_experiment("memory").context("smoke", tmp_path, None, "cuda", None, "inline")
+    assert ctx.device == "cpu" and ctx.device_requested == "cuda"
+    assert "memory runs on cpu only" in ctx.device_note
+    ctx = get_experiment("heun-depth").context("smoke", tmp_path, None, "cuda", None, "inline")
+    assert ctx.device == "cuda" and ctx.device_note is None
+
+
+def test_memory_block_is_the_library_mlp_block():
+    from resode.models.blocks import mlp_block
+    from resode.reproduce.memory import build
+
+    stage = build("generic", "autograd", 3, 6, 4)
+    ref = mlp_block(6, 4)
+    assert all(type(stage.block(n)) is type(ref) for n in range(3))
+    assert [type(m) for m in stage.block(0)] == [type(m) for m in ref]

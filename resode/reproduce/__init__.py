@@ -1,12 +1,18 @@
 """The paper's experiments, one module per id, and the reproduce-all report.
 
 Sander, Ablin & Peyre, "Do Residual Neural Networks discretize Neural Ordinary Differential
-Equations?", NeurIPS 2022. Each experiment module defines ``ID``, ``TITLE``, ``PRESETS`` and
-``run(preset, out, seeds, device, data_root, launcher)``, which writes ``<out>/<id>/`` (figures as
+Equations?", NeurIPS 2022. Each experiment module ends with an
+:class:`~resode.reproduce.experiment.Experiment` (``EXPERIMENT``) that declares its presets,
+sweeps, aggregation, figure and claims; the shared runner writes ``<out>/<id>/`` (figures as
 PNG+PDF, numbers as JSON/CSV, ``provenance.json``, ``summary.json`` with the claims and their
-verdicts) and returns the summary. The logic lives here, in the package, so that the ``resode``
-command works from an installed wheel; ``experiments/<id>.py`` in the repository are thin
-one-command entries over it.
+verdicts). The logic lives here, in the package, so that the ``resode`` command works from an
+installed wheel; ``experiments/<id>.py`` in the repository are one-line entries over it. See
+docs/design.md, "Experiments".
+
+Modules: :mod:`.experiment` (skeleton and runner), :mod:`.context` (settings of a run),
+:mod:`.sweeps` (resumable sweeps and launchers), :mod:`.training` (training points),
+:mod:`.claims`, :mod:`.figures`, :mod:`.files` (atomic JSON/CSV), :mod:`.provenance`,
+:mod:`.inputs` (checks of the command's inputs), :mod:`.report` (REPORT.md).
 """
 
 from __future__ import annotations
@@ -17,10 +23,21 @@ import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-from .common import PRESETS, Claim, check_preset, default_launcher, write_json
+from .claims import VERDICTS, Claim
+from .experiment import Experiment
+from .files import write_json
+from .inputs import (
+    PRESETS,
+    UsageError,
+    check_data_root,
+    check_device,
+    check_launcher,
+    check_out_dir,
+    check_preset,
+    default_launcher,
+)
 
 #: experiment id -> module (in the order of the report)
 EXPERIMENTS: dict[str, str] = {
@@ -37,7 +54,11 @@ EXPERIMENTS: dict[str, str] = {
 __all__ = [
     "EXPERIMENTS",
     "PRESETS",
+    "VERDICTS",
     "Claim",
+    "Experiment",
+    "ReproduceResult",
+    "UsageError",
     "get_experiment",
     "list_experiments",
     "reproduce",
@@ -49,11 +70,40 @@ def list_experiments() -> list[str]:
     return list(EXPERIMENTS)
 
 
-def get_experiment(exp_id: str) -> ModuleType:
-    """The module of experiment ``exp_id`` (ids as in :data:`EXPERIMENTS`)."""
+def get_experiment(exp_id: str) -> Experiment:
+    """The :class:`Experiment` of ``exp_id`` (ids as in :data:`EXPERIMENTS`)."""
     if exp_id not in EXPERIMENTS:
-        raise ValueError(f"unknown experiment {exp_id!r}; choose one of {list_experiments()}")
-    return importlib.import_module(EXPERIMENTS[exp_id])
+        raise UsageError(f"unknown experiment {exp_id!r}; choose one of {list_experiments()}")
+    return importlib.import_module(EXPERIMENTS[exp_id]).EXPERIMENT
+
+
+def _check_inputs(preset, out, device, data_root, launcher) -> tuple[str, str | None]:
+    """Check every input once; return the device and launcher to use."""
+    check_preset(preset)
+    check_launcher(launcher)
+    device = check_device(device)
+    check_data_root(data_root)
+    check_out_dir(out)
+    return device, launcher or default_launcher(preset)
+
+
+def _run_one(exp_id: str, preset: str, out, seeds, device, data_root, launcher, **kw) -> dict:
+    """Run one experiment; record a failure in ``<out>/<id>/error.json`` and re-raise it."""
+    err_path = Path(out) / exp_id / "error.json"
+    try:
+        summary = get_experiment(exp_id).run(
+            preset=preset, out=out, seeds=seeds, device=device, data_root=data_root,
+            launcher=launcher, **kw,
+        )  # fmt: skip
+    except Exception as e:
+        try:
+            write_json(err_path, {"preset": preset, "error": f"{type(e).__name__}: {e}",
+                                  "traceback": traceback.format_exc()})  # fmt: skip
+        except OSError:
+            pass  # the folder itself cannot be written: the caller reports the error
+        raise
+    err_path.unlink(missing_ok=True)
+    return summary
 
 
 def run_experiment(
@@ -64,18 +114,33 @@ def run_experiment(
     device: str = "cpu",
     data_root: str | None = None,
     launcher: str | None = None,
+    **overrides: Any,
 ) -> dict[str, Any]:
-    """Run one experiment; returns its summary (also written to ``<out>/<id>/summary.json``)."""
-    check_preset(preset)
-    mod = get_experiment(exp_id)
-    return mod.run(
-        preset=preset,
-        out=out,
-        seeds=list(seeds) if seeds else None,
-        device=device,
-        data_root=data_root,
-        launcher=launcher or default_launcher(preset),
-    )
+    """Run one experiment; returns its summary (also written to ``<out>/<id>/summary.json``).
+
+    Bad inputs raise :class:`UsageError` before anything runs; ``overrides`` replace preset
+    settings (``train_overrides={...}`` applies to every training section).
+    """
+    get_experiment(exp_id)
+    device, launcher = _check_inputs(preset, out, device, data_root, launcher)
+    return _run_one(exp_id, preset, out, list(seeds) if seeds else None, device, data_root,
+                    launcher, **overrides)  # fmt: skip
+
+
+class ReproduceResult(os.PathLike):
+    """What :func:`reproduce` did: ``path`` of REPORT.md (``os.fspath`` gives it) and
+    ``statuses`` (id -> ``{"ok", "wall_time_s", "error"}``); ``failed`` lists the failures."""
+
+    def __init__(self, path: Path, statuses: dict[str, dict[str, Any]]) -> None:
+        self.path = path
+        self.statuses = statuses
+
+    @property
+    def failed(self) -> list[str]:
+        return [e for e, s in self.statuses.items() if not s["ok"]]
+
+    def __fspath__(self) -> str:
+        return str(self.path)
 
 
 def reproduce(
@@ -86,32 +151,30 @@ def reproduce(
     data_root: str | None = None,
     launcher: str | None = None,
     seeds: Sequence[int] | None = None,
-) -> Path:
+    on_failure: Any = None,
+) -> ReproduceResult:
     """Run every experiment (or ``only`` those) and write ``<out>/REPORT.md``.
 
-    A failing experiment does not stop the others: its error is written to
-    ``<out>/<id>/error.json`` and every claim of it is reported as ``not run``.
+    A failing experiment does not stop the others: its error goes to ``<out>/<id>/error.json``,
+    ``on_failure(exp_id, exc)`` is called, and the report marks it failed. With ``only``, the
+    other experiments keep their earlier sections (results of the same preset only).
     """
     from .report import write_report
 
-    check_preset(preset)
     ids = list(only) if only else list_experiments()
+    for e in ids:
+        get_experiment(e)
+    device, launcher = _check_inputs(preset, out, device, data_root, launcher)
     statuses: dict[str, dict[str, Any]] = {}
     for exp_id in ids:
         t0 = time.time()
-        err_path = Path(out) / exp_id / "error.json"
         try:
-            run_experiment(exp_id, preset, out, seeds, device, data_root, launcher)
-            if err_path.exists():
-                err_path.unlink()
+            _run_one(exp_id, preset, out, list(seeds) if seeds else None, device, data_root,
+                     launcher)  # fmt: skip
             statuses[exp_id] = {"ok": True, "wall_time_s": round(time.time() - t0, 1)}
         except Exception as e:  # report it, never hide it
-            tb = traceback.format_exc()
-            write_json(err_path, {"error": f"{type(e).__name__}: {e}", "traceback": tb})
-            statuses[exp_id] = {
-                "ok": False,
-                "error": f"{type(e).__name__}: {e}",
-                "wall_time_s": round(time.time() - t0, 1),
-            }
-            print(f"[resode reproduce] {exp_id} FAILED: {type(e).__name__}: {e}", flush=True)
-    return write_report(out, preset, ids, statuses)
+            statuses[exp_id] = {"ok": False, "error": f"{type(e).__name__}: {e}",
+                                "wall_time_s": round(time.time() - t0, 1)}  # fmt: skip
+            if on_failure is not None:
+                on_failure(exp_id, e)
+    return ReproduceResult(write_report(out, preset, statuses), statuses)

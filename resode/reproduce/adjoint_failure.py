@@ -19,24 +19,14 @@ non-zero. Verdict: reproduced when adjoint training ends at least 5 points below
 
 from __future__ import annotations
 
-import os
-import time
-from pathlib import Path
+import json
 from typing import Any
 
-from .common import (
-    Claim,
-    check_preset,
-    file_stamp,
-    finish,
-    pyplot,
-    run_sweep,
-    save_figure,
-    write_csv,
-)
-
-ID = "adjoint-failure"
-TITLE = "Fig. 3b: adjoint training of a non-ODE ResNet fails, autograd succeeds"
+from .claims import Claim
+from .context import Context
+from .experiment import Experiment
+from .figures import pyplot
+from .sweeps import file_stamp
 
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(
@@ -93,14 +83,13 @@ def grad_error_point(
     residual_init: str = "zero",
     checkpoint_stamp: float | None = None,
 ) -> dict[str, Any]:
-    import json
-
+    """Adjoint vs autograd gradient error of the model at initialisation (``checkpoint=None``)
+    or of a trained checkpoint, on one training batch, in float64."""
     from resode.diagnostics import gradient_error
     from resode.models import create
-    from resode.train import model_from_checkpoint
+    from resode.utils import seed_everything
 
-    from .common import seed_everything
-    from .training import load_data, standard_residual_init
+    from .training import load_data, load_model, standard_residual_init
 
     data = load_data(dataset, data_root, "cpu", json.dumps(data_kwargs, sort_keys=True))
     x, y = next(iter(data.loader("train", batch, seed=seed)))
@@ -112,98 +101,67 @@ def grad_error_point(
         if residual_init == "standard":
             standard_residual_init(net)
     else:
-        net = model_from_checkpoint(checkpoint)
+        net = load_model(checkpoint)
     net = net.double().train()
     r = gradient_error(net, x.double(), y)
     return {"global_rel": r["global_rel"], "per_tensor": r["per_tensor"]}
 
 
-def run(
-    preset: str = "quick",
-    out: str | os.PathLike = "results",
-    seeds: list[int] | None = None,
-    device: str = "cpu",
-    data_root: str | None = None,
-    launcher: str = "inline",
-    **overrides: Any,
-) -> dict[str, Any]:
-    from .training import dataset_for
-
-    check_preset(preset)
-    t0 = time.time()
-    cfg = {**PRESETS[preset], **overrides}
-    seeds = list(seeds or [0])
-    out_dir = Path(out) / ID
-    dataset, data_kwargs = dataset_for(preset, data_root, paper="imagenet")
-    cfg["dataset"] = dataset
+def collect(ctx: Context) -> dict[str, Any]:
+    cfg = ctx.cfg
     jobs = [
-        dict(
-            run_dir=str(out_dir / "runs" / f"{bw}-s{s}"),
-            model=cfg["model"],
-            model_kwargs=dict(cfg["model_kwargs"], backward=bw),
-            dataset=dataset,
-            data_kwargs=data_kwargs,
-            data_root=data_root,
-            device=device,
-            seed=s,
-            residual_init=cfg["residual_init"],
-            **cfg["train"],
-        )
+        ctx.train_job(f"{bw}-s{s}", cfg["model"], dict(cfg["model_kwargs"], backward=bw),
+                      cfg["train"], seed=s, residual_init=cfg["residual_init"])
         for bw in ("autograd", "adjoint")
-        for s in seeds
-    ]
-    rows = run_sweep(
-        train_point,
-        jobs,
-        out_dir / "runs",
-        key=lambda j: Path(j["run_dir"]).name,
-        launcher=launcher,
-        desc="adjoint-failure",
-    )
+        for s in ctx.seeds
+    ]  # fmt: skip
+    rows = ctx.train_sweep(jobs, fn=train_point)
     by = {(r["job"]["model_kwargs"]["backward"], r["job"]["seed"]): r for r in rows}
-    ag_ckpt = by[("autograd", seeds[0])].get("checkpoint")
+    ag_ckpt = by[("autograd", ctx.seed)].get("checkpoint")
     gjobs = [
-        dict(
-            checkpoint=c,
-            checkpoint_stamp=file_stamp(c),
-            model=cfg["model"],
-            model_kwargs=dict(cfg["model_kwargs"]),
-            dataset=dataset,
-            data_kwargs=data_kwargs,
-            data_root=data_root,
-            batch=cfg["grad_batch"],
-            seed=seeds[0],
-            residual_init=cfg["residual_init"],
-        )
+        dict(checkpoint=c, checkpoint_stamp=file_stamp(c), model=cfg["model"],
+             model_kwargs=dict(cfg["model_kwargs"]), **ctx.data, batch=cfg["grad_batch"],
+             seed=ctx.seed, residual_init=cfg["residual_init"])
         for c in [None] + ([ag_ckpt] if ag_ckpt else [])
-    ]
-    grads = run_sweep(
+    ]  # fmt: skip
+    grads = ctx.sweep(
         grad_error_point,
         gjobs,
-        out_dir / "grad",
         key=lambda j: "init" if j["checkpoint"] is None else "trained",
-        launcher=launcher,
-        desc="adjoint-failure: gradient error",
+        folder="grad",
+        desc="gradient error",
     )
-    g_init = grads[0]["global_rel"]
-    g_trained = grads[1]["global_rel"] if len(grads) > 1 else float("nan")
+    return {"by": by, "grads": grads}
 
-    table = []
-    for (bw, s), r in sorted(by.items()):
-        table.append(
-            {
-                "backward": bw,
-                "seed": s,
-                "best_test_acc": r.get("best_test_acc"),
-                "final_train_loss": r.get("final_train_loss"),
-                "diverged": bool(r.get("diverged", False)),
-            }
-        )
-    write_csv(out_dir / "accuracy.csv", table)
 
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for (bw, s), r in sorted(by.items()):
+def aggregate(ctx: Context, results: dict[str, Any]) -> dict[str, Any]:
+    by, grads = results["by"], results["grads"]
+    table = [
+        {"backward": bw, "seed": s, "best_test_acc": r.get("best_test_acc"),
+         "final_train_loss": r.get("final_train_loss"),
+         "diverged": bool(r.get("diverged", False))}
+        for (bw, s), r in sorted(by.items())
+    ]  # fmt: skip
+    ctx.write_table("accuracy.csv", table)
+
+    def mean_acc(bw: str) -> float:
+        accs = [by[(bw, s)].get("best_test_acc") for s in ctx.seeds]
+        accs = [0.0 if a is None else a for a in accs]  # diverged: chance-or-worse
+        return sum(accs) / len(accs)
+
+    return {
+        "acc_autograd": mean_acc("autograd"),
+        "acc_adjoint": mean_acc("adjoint"),
+        "grad_error_init": grads[0]["global_rel"],
+        "grad_error_trained": grads[1]["global_rel"] if len(grads) > 1 else float("nan"),
+        "table": table,
+        "_by": by,
+    }
+
+
+def figure(ctx: Context, numbers: dict[str, Any]):
+    fig, ax = pyplot().subplots(figsize=(5.5, 4))
+    for (bw, s), r in sorted(numbers["_by"].items()):
         h = r.get("history") or []
         ax.plot(
             [e["epoch"] for e in h],
@@ -213,19 +171,16 @@ def run(
         )
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{cfg['model']} on {dataset}: autograd vs adjoint")
+    ax.set_title(f"{ctx.cfg['model']} on {ctx.dataset}: autograd vs adjoint")
     ax.grid(alpha=0.3)
     ax.legend()
-    figures = save_figure(fig, out_dir, "adjoint_failure")
+    return fig
 
-    def mean_acc(bw: str) -> float:
-        accs = [by[(bw, s)].get("best_test_acc") for s in seeds]
-        accs = [0.0 if a is None else a for a in accs]  # diverged: chance-or-worse
-        return sum(accs) / len(accs)
 
-    a_ag, a_adj = mean_acc("autograd"), mean_acc("adjoint")
-    ok = a_ag - a_adj >= 0.05
-    claims = [
+def claims(ctx: Context, numbers: dict[str, Any]) -> list[Claim]:
+    a_ag, a_adj = numbers["acc_autograd"], numbers["acc_adjoint"]
+    g_init, g_trained = numbers["grad_error_init"], numbers["grad_error_trained"]
+    return [
         Claim(
             key="adjoint_fails",
             text="a ResNet that is not ODE-like trains with autograd but not with the adjoint",
@@ -235,32 +190,15 @@ def run(
                 f"{g_init:.3f} at init, {g_trained:.3f} on the autograd-trained model"
             ),
             value=a_ag - a_adj,
-            verdict="reproduced" if ok else "not reproduced",
+            verdict="reproduced" if a_ag - a_adj >= 0.05 else "not reproduced",
+            rule="reproduced when adjoint training ends at least 5 points below autograd "
+            "(a diverged run counts as 0 %)",
         )
     ]
-    numbers = {
-        "acc_autograd": a_ag,
-        "acc_adjoint": a_adj,
-        "grad_error_init": g_init,
-        "grad_error_trained": g_trained,
-        "table": table,
-    }
-    return finish(
-        out_dir,
-        ID,
-        preset,
-        cfg,
-        seeds,
-        device,
-        t0,
-        numbers,
-        claims,
-        figures,
-        tables=["accuracy.csv"],
-    )
 
 
-if __name__ == "__main__":
-    from resode.cli import experiment_main
-
-    experiment_main(ID)
+EXPERIMENT = Experiment(
+    "adjoint-failure", "Fig. 3b: adjoint training of a non-ODE ResNet fails, autograd succeeds",
+    PRESETS, collect, aggregate, figure, claims,
+    figure_name="adjoint_failure", paper_dataset="imagenet"
+)  # fmt: skip

@@ -16,29 +16,18 @@ least-squares fits of log(median over tensors) against log N.
 
 from __future__ import annotations
 
-import os
-import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .common import (
-    Claim,
-    check_preset,
-    file_stamp,
-    finish,
-    loglog_slope,
-    pyplot,
-    run_sweep,
-    save_figure,
-    seed_everything,
-    write_csv,
-)
-from .training import train_run as train_point
+from resode.utils import loglog_slope, seed_everything
 
-ID = "gradient-error"
-TITLE = "Fig. 4: adjoint gradient error vs depth, Euler vs Heun"
+from .claims import Claim
+from .context import Context
+from .experiment import Experiment
+from .figures import pyplot
+from .sweeps import file_stamp
+
 VARIANTS = ("adjoint", "adjoint_stored")
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -82,15 +71,15 @@ def measure_point(
     seed: int,
     checkpoint_stamp: float | None = None,
 ) -> dict[str, Any]:
-
+    """Per-tensor gradient error of both adjoint variants for the trained model ``checkpoint``
+    resampled to ``depth``."""
     from resode.diagnostics import gradient_error
     from resode.models import resample_depth
-    from resode.train import model_from_checkpoint
 
-    from .training import one_batch
+    from .training import load_model, one_batch
 
     x, y = one_batch(dataset, data_root, data_kwargs, batch, seed)
-    model = resample_depth(model_from_checkpoint(checkpoint), depth).double().train()
+    model = resample_depth(load_model(checkpoint), depth).double().train()
     seed_everything(seed)
     out: dict[str, Any] = {"scheme": scheme, "depth": depth}
     for v in VARIANTS:
@@ -99,101 +88,68 @@ def measure_point(
     return out
 
 
-def run(
-    preset: str = "quick",
-    out: str | os.PathLike = "results",
-    seeds: list[int] | None = None,
-    device: str = "cpu",
-    data_root: str | None = None,
-    launcher: str = "inline",
-    **overrides: Any,
-) -> dict[str, Any]:
-    from .training import dataset_for
-
-    check_preset(preset)
-    t0 = time.time()
-    cfg = {**PRESETS[preset], **overrides}
-    seeds = list(seeds or [0])
-    seed = seeds[0]
-    out_dir = Path(out) / ID
-    dataset, data_kwargs = dataset_for(preset, data_root, paper="cifar10")
-    cfg["dataset"] = dataset
+def collect(ctx: Context) -> dict[str, Any]:
+    n0, seed = ctx.cfg["train_depth"], ctx.seed
     train_jobs = [
-        dict(
-            run_dir=str(out_dir / "train" / f"{s}-N{cfg['train_depth']}-s{seed}"),
-            model="tiny_resnet",
-            # the generic engine is the reference (and fast in float64, unlike fused kernels)
-            model_kwargs=dict(
-                depth=cfg["train_depth"], scheme=s, backward="autograd", engine="generic"
-            ),
-            dataset=dataset,
-            data_kwargs=data_kwargs,
-            data_root=data_root,
-            device=device,
+        # the generic engine is the reference (and fast in float64, unlike fused kernels)
+        ctx.train_job(
+            f"{s}-N{n0}-s{seed}",
+            "tiny_resnet",
+            dict(depth=n0, scheme=s, backward="autograd", engine="generic"),
+            ctx.cfg["train"],
             seed=seed,
-            **cfg["train"],
-        )
+            folder="train",
+        )  # fmt: skip
         for s in ("euler", "heun")
     ]
-    trained = run_sweep(
-        train_point,
-        train_jobs,
-        out_dir / "train",
-        key=lambda j: Path(j["run_dir"]).name,
-        launcher=launcher,
-        desc="gradient-error: train",
-    )
+    trained = ctx.train_sweep(train_jobs, folder="train", desc="train")
     ckpts = {r["job"]["model_kwargs"]["scheme"]: r["checkpoint"] for r in trained}
     jobs = [
-        dict(
-            checkpoint=ckpts[s],
-            checkpoint_stamp=file_stamp(ckpts[s]),
-            scheme=s,
-            depth=n,
-            dataset=dataset,
-            data_kwargs=data_kwargs,
-            data_root=data_root,
-            batch=cfg["batch"],
-            seed=seed,
-        )
+        dict(checkpoint=ckpts[s], checkpoint_stamp=file_stamp(ckpts[s]), scheme=s, depth=n,
+             **ctx.data, batch=ctx.cfg["batch"], seed=seed)
         for s in ("euler", "heun")
-        for n in cfg["depths"]
-    ]
-    rows = run_sweep(
-        measure_point,
-        jobs,
-        out_dir / "runs",
-        key=lambda j: f"{j['scheme']}-N{j['depth']}-s{seed}",
-        launcher=launcher,
-        desc="gradient-error: measure",
-    )
-    flat = []
-    for r in rows:
-        for v in VARIANTS:
-            for name, e in r[v]["per_tensor"].items():
-                flat.append(
-                    {"scheme": r["scheme"], "variant": v, "depth": r["depth"], "tensor": name,
-                     "error": e}
-                )  # fmt: skip
-    write_csv(out_dir / "per_tensor.csv", flat)
+        for n in ctx.cfg["depths"]
+    ]  # fmt: skip
+    rows = ctx.sweep(measure_point, jobs, key=lambda j: f"{j['scheme']}-N{j['depth']}-s{seed}",
+                     desc="measure")  # fmt: skip
+    return {"trained": trained, "rows": rows}
+
+
+def _medians(ctx: Context, flat: list[dict[str, Any]]) -> tuple[list[dict], dict[str, float]]:
+    """Median and max error over tensors per (scheme, variant, depth); log-log slopes."""
     summary_rows, slopes = [], {}
     for s in ("euler", "heun"):
         for v in VARIANTS:
             med = []
-            for n in cfg["depths"]:
-                es = [
-                    f["error"] for f in flat if (f["scheme"], f["variant"], f["depth"]) == (s, v, n)
-                ]
+            for n in ctx.cfg["depths"]:
+                es = [f["error"] for f in flat if f["scheme"] == s and f["variant"] == v
+                      and f["depth"] == n]  # fmt: skip
                 med.append(float(np.median(es)))
                 summary_rows.append(
                     {"scheme": s, "variant": v, "depth": n, "median_error": med[-1],
                      "max_error": float(np.max(es)), "tensors": len(es)}
                 )  # fmt: skip
-            slopes[f"{s}/{v}"] = loglog_slope(cfg["depths"], med)
-    write_csv(out_dir / "summary.csv", summary_rows)
+            slopes[f"{s}/{v}"] = loglog_slope(ctx.cfg["depths"], med)
+    return summary_rows, slopes
 
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+
+def aggregate(ctx: Context, results: dict[str, Any]) -> dict[str, Any]:
+    flat = [
+        {"scheme": r["scheme"], "variant": v, "depth": r["depth"], "tensor": name, "error": e}
+        for r in results["rows"]
+        for v in VARIANTS
+        for name, e in r[v]["per_tensor"].items()
+    ]
+    ctx.write_table("per_tensor.csv", flat, report=False)
+    summary_rows, slopes = _medians(ctx, flat)
+    ctx.write_table("summary.csv", summary_rows)
+    acc = {r["job"]["model_kwargs"]["scheme"]: r["best_test_acc"] for r in results["trained"]}
+    return {"slopes": slopes, "summary": summary_rows, "trained_test_acc": acc, "_flat": flat}
+
+
+def figure(ctx: Context, numbers: dict[str, Any]):
+    flat, slopes = numbers["_flat"], numbers["slopes"]
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4.2), sharey=True)
     colors = {"euler": "tab:blue", "heun": "tab:red"}
     rng = np.random.default_rng(0)
     for ax, v in zip(axes, VARIANTS):
@@ -203,30 +159,25 @@ def run(
                 off + 0.03 * rng.standard_normal(len(pts))
             )
             ax.scatter(xs, [f["error"] for f in pts], s=6, alpha=0.35, color=colors[s])
-            med = [r for r in summary_rows if r["scheme"] == s and r["variant"] == v]
-            ax.plot(
-                [r["depth"] for r in med],
-                [r["median_error"] for r in med],
-                "-o",
-                color=colors[s],
-                label=f"{s}: median, slope {slopes[f'{s}/{v}']:.2f}",
-            )
+            med = [r for r in numbers["summary"] if r["scheme"] == s and r["variant"] == v]
+            label = f"{s}: median, slope {slopes[f'{s}/{v}']:.2f}"
+            ax.plot([r["depth"] for r in med], [r["median_error"] for r in med], "-o",
+                    color=colors[s], label=label)  # fmt: skip
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel(f"depth N (resampled from {cfg['train_depth']})")
+        ax.set_xlabel(f"depth N (resampled from {ctx.cfg['train_depth']})")
         ax.grid(alpha=0.3, which="both")
         ax.legend()
-        label = (
-            "true adjoint (chained, memory-free)"
-            if v == "adjoint"
-            else ("paper's public code (from stored activations)")
-        )
-        ax.set_title(label)
+        ax.set_title("true adjoint (chained, memory-free)" if v == "adjoint"
+                     else "paper's public code (from stored activations)")  # fmt: skip
     axes[0].set_ylabel(r"per-tensor $\mathrm{mean}((g_{bp}-g_{adj})^2)/\mathrm{mean}(g_{bp}^2)$")
-    figures = save_figure(fig, out_dir, "gradient_error")
+    return fig
 
+
+def claims(ctx: Context, numbers: dict[str, Any]) -> list[Claim]:
+    slopes = numbers["slopes"]
     e, h = slopes["euler/adjoint"], slopes["heun/adjoint"]
-    claims = [
+    return [
         Claim(
             key="slopes",
             text="the adjoint's gradient error decreases with depth, faster for Heun than Euler",
@@ -238,27 +189,14 @@ def run(
             value=h,
             # Heun must decay clearly faster (by at least N^-0.5 in the squared metric)
             verdict="reproduced" if (e < 0 and h < e - 0.5) else "not reproduced",
+            rule="reproduced when Euler's slope is negative and Heun's is below it by more "
+            "than 0.5 (true adjoint)",
         )
     ]
-    numbers = {"slopes": slopes, "summary": summary_rows,
-               "trained_test_acc": {r["job"]["model_kwargs"]["scheme"]: r["best_test_acc"]
-                                    for r in trained}}  # fmt: skip
-    return finish(
-        out_dir,
-        ID,
-        preset,
-        cfg,
-        seeds,
-        device,
-        t0,
-        numbers,
-        claims,
-        figures,
-        tables=["summary.csv"],
-    )
 
 
-if __name__ == "__main__":
-    from resode.cli import experiment_main
-
-    experiment_main(ID)
+EXPERIMENT = Experiment(
+    "gradient-error", "Fig. 4: adjoint gradient error vs depth, Euler vs Heun",
+    PRESETS, collect, aggregate, figure, claims,
+    figure_name="gradient_error", paper_dataset="cifar10"
+)  # fmt: skip

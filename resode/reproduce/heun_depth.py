@@ -11,27 +11,17 @@ of the mean autograd error of the same scheme.
 
 from __future__ import annotations
 
-import os
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .common import (
-    Claim,
-    check_preset,
-    file_stamp,
-    finish,
-    pyplot,
-    run_sweep,
-    save_figure,
-    write_csv,
-)
-from .training import train_run as train_point
+from .claims import Claim
+from .context import Context
+from .experiment import Experiment
+from .figures import pyplot
+from .sweeps import file_stamp
 
-ID = "heun-depth"
-TITLE = "Fig. 3c: test error vs depth, Euler/Heun x autograd/adjoint"
 METHODS = [("euler", "autograd"), ("euler", "adjoint"), ("heun", "autograd"), ("heun", "adjoint")]
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -83,16 +73,14 @@ def grad_error_point(
     checkpoint_stamp: float | None = None,
 ) -> dict[str, Any]:
     """Adjoint vs autograd gradient error (global relative norm) of a trained model."""
-
     from resode.diagnostics import gradient_error
-    from resode.train import model_from_checkpoint
+    from resode.utils import seed_everything
 
-    from .common import seed_everything
-    from .training import one_batch
+    from .training import load_model, one_batch
 
     x, y = one_batch(dataset, data_root, data_kwargs, batch, seed)
     seed_everything(seed)
-    net = model_from_checkpoint(checkpoint).double().train()
+    net = load_model(checkpoint).double().train()
     return {"global_rel": gradient_error(net, x.double(), y)["global_rel"]}
 
 
@@ -109,148 +97,95 @@ def match_depth(table: list[dict[str, Any]], scheme: str, tol: float) -> int | N
     return best
 
 
-def run(
-    preset: str = "quick",
-    out: str | os.PathLike = "results",
-    seeds: list[int] | None = None,
-    device: str = "cpu",
-    data_root: str | None = None,
-    launcher: str = "inline",
-    **overrides: Any,
-) -> dict[str, Any]:
-    from .training import dataset_for
-
-    check_preset(preset)
-    t0 = time.time()
-    cfg = {**PRESETS[preset], **overrides}
-    seeds = list(seeds or cfg["seeds"])
-    out_dir = Path(out) / ID
-    dataset, data_kwargs = dataset_for(preset, data_root, paper="cifar10")
-    cfg["dataset"] = dataset
-    jobs = []
-    for depth in cfg["depths"]:
-        for scheme, backward in METHODS:
-            for seed in seeds:
-                key = f"{scheme}-{backward}-N{depth}-s{seed}"
-                jobs.append(
-                    dict(
-                        run_dir=str(out_dir / "runs" / key),
-                        model="tiny_resnet",
-                        model_kwargs=dict(depth=depth, scheme=scheme, backward=backward),
-                        dataset=dataset,
-                        data_kwargs=data_kwargs,
-                        data_root=data_root,
-                        device=device,
-                        seed=seed,
-                        **cfg["train"],
-                    )
-                )
-    rows = run_sweep(
-        train_point,
-        jobs,
-        out_dir / "runs",
-        key=lambda j: Path(j["run_dir"]).name,
-        launcher=launcher,
-        desc="heun-depth",
-    )
-    table = []
-    for depth in cfg["depths"]:
-        for scheme, backward in METHODS:
-            errs = [
-                r["best_test_error"]
-                for r in rows
-                if r["job"]["model_kwargs"] == dict(depth=depth, scheme=scheme, backward=backward)
-            ]
-            q1, med, q3 = np.percentile(errs, [25, 50, 75])
-            table.append(
-                {
-                    "depth": depth,
-                    "scheme": scheme,
-                    "backward": backward,
-                    "error_mean": float(np.mean(errs)),
-                    "error_q1": float(q1),
-                    "error_median": float(med),
-                    "error_q3": float(q3),
-                    "seeds": len(errs),
-                }
-            )
+def collect(ctx: Context) -> dict[str, Any]:
+    jobs = [
+        ctx.train_job(
+            f"{scheme}-{backward}-N{depth}-s{seed}",
+            "tiny_resnet",
+            dict(depth=depth, scheme=scheme, backward=backward),
+            ctx.cfg["train"],
+            seed=seed,
+        )  # fmt: skip
+        for depth in ctx.cfg["depths"]
+        for scheme, backward in METHODS
+        for seed in ctx.seeds
+    ]
+    rows = ctx.train_sweep(jobs)
     # gradient error of the adjoint on the autograd-trained models (first seed), per depth
     ckpts = {
         (r["job"]["model_kwargs"]["scheme"], r["job"]["model_kwargs"]["depth"]): r["checkpoint"]
         for r in rows
-        if r["job"]["model_kwargs"]["backward"] == "autograd" and r["job"]["seed"] == seeds[0]
+        if r["job"]["model_kwargs"]["backward"] == "autograd" and r["job"]["seed"] == ctx.seed
     }
     gjobs = [
-        dict(checkpoint=c, checkpoint_stamp=file_stamp(c), dataset=dataset,
-             data_kwargs=data_kwargs, data_root=data_root, batch=cfg["train"]["batch_size"],
-             seed=seeds[0])
+        dict(checkpoint=c, checkpoint_stamp=file_stamp(c), **ctx.data,
+             batch=ctx.training(ctx.cfg["train"])["batch_size"], seed=ctx.seed)
         for c in ckpts.values()
     ]  # fmt: skip
-    gres = run_sweep(
-        grad_error_point,
-        gjobs,
-        out_dir / "grad",
-        key=lambda j: Path(j["checkpoint"]).parent.name,
-        launcher=launcher,
-        desc="heun-depth: gradient error",
-    )
-    gerr = {k: g["global_rel"] for k, g in zip(ckpts, gres)}
-    for row in table:
-        row["adjoint_grad_error_trained"] = gerr.get((row["scheme"], row["depth"]))
-    write_csv(out_dir / "test_error.csv", table)
+    gres = ctx.sweep(grad_error_point, gjobs, key=lambda j: Path(j["checkpoint"]).parent.name,
+                     folder="grad", desc="gradient error")  # fmt: skip
+    return {"rows": rows, "grad": {k: g["global_rel"] for k, g in zip(ckpts, gres)}}
 
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+
+def aggregate(ctx: Context, results: dict[str, Any]) -> dict[str, Any]:
+    rows, gerr = results["rows"], results["grad"]
+    table = []
+    for depth in ctx.cfg["depths"]:
+        for scheme, backward in METHODS:
+            kw = dict(depth=depth, scheme=scheme, backward=backward)
+            errs = [r["best_test_error"] for r in rows if r["job"]["model_kwargs"] == kw]
+            q1, med, q3 = np.percentile(errs, [25, 50, 75])
+            table.append({**kw, "error_mean": float(np.mean(errs)), "error_q1": float(q1),
+                          "error_median": float(med), "error_q3": float(q3),
+                          "seeds": len(errs),
+                          "adjoint_grad_error_trained": gerr.get((scheme, depth))})  # fmt: skip
+    ctx.write_table("test_error.csv", table)
+    tol = ctx.cfg["match_tol"]
+    err = {(r["scheme"], r["depth"], r["backward"]): r["error_mean"] for r in table}
+    gap = {
+        s: {d: err[(s, d, "adjoint")] - err[(s, d, "autograd")] for d in ctx.cfg["depths"]}
+        for s in ("euler", "heun")
+    }
+    return {
+        "grad_error_trained": {f"{s}/N{d}": v for (s, d), v in gerr.items()},
+        "match_depth": {s: match_depth(table, s, tol) for s in ("euler", "heun")},
+        "gap": gap,
+        "table": table,
+        "_grad": gerr,
+    }
+
+
+def figure(ctx: Context, numbers: dict[str, Any]):
+    fig, ax = pyplot().subplots(figsize=(6, 4.2))
     colors = {"euler": "tab:blue", "heun": "tab:red"}
     for scheme, backward in METHODS:
-        t = [r for r in table if r["scheme"] == scheme and r["backward"] == backward]
+        t = [r for r in numbers["table"] if r["scheme"] == scheme and r["backward"] == backward]
         d = [r["depth"] for r in t]
         ls = "-" if backward == "autograd" else "--"
-        ax.plot(
-            d,
-            [100 * r["error_mean"] for r in t],
-            ls,
-            marker="o",
-            color=colors[scheme],
-            label=f"{scheme} + {backward}",
-        )
-        ax.fill_between(
-            d,
-            [100 * r["error_q1"] for r in t],
-            [100 * r["error_q3"] for r in t],
-            color=colors[scheme],
-            alpha=0.15,
-        )
+        ax.plot(d, [100 * r["error_mean"] for r in t], ls, marker="o", color=colors[scheme],
+                label=f"{scheme} + {backward}")  # fmt: skip
+        ax.fill_between(d, [100 * r["error_q1"] for r in t], [100 * r["error_q3"] for r in t],
+                        color=colors[scheme], alpha=0.15)  # fmt: skip
     ax.set_xscale("log", base=2)
     ax.set_xlabel("depth N")
     ax.set_ylabel("best test error (%)")
-    ax.set_title(f"tiny ResNet on {dataset}: mean and quartiles over {len(seeds)} seeds")
+    ax.set_title(f"tiny ResNet on {ctx.dataset}: mean and quartiles over {len(ctx.seeds)} seeds")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    figures = save_figure(fig, out_dir, "test_error_vs_depth")
+    return fig
 
-    tol = cfg["match_tol"]
-    d_euler, d_heun = match_depth(table, "euler", tol), match_depth(table, "heun", tol)
-    gap = {
-        s: {
-            r["depth"]: next(
-                q["error_mean"]
-                for q in table
-                if q["scheme"] == s and q["depth"] == r["depth"] and q["backward"] == "adjoint"
-            )
-            - r["error_mean"]
-            for r in table
-            if r["scheme"] == s and r["backward"] == "autograd"
-        }
-        for s in ("euler", "heun")
-    }
+
+def claims(ctx: Context, numbers: dict[str, Any]) -> list[Claim]:
+    tol, depths, gerr = ctx.cfg["match_tol"], ctx.cfg["depths"], numbers["_grad"]
+    d_euler, d_heun = numbers["match_depth"]["euler"], numbers["match_depth"]["heun"]
     big = 10**9
-    ok = (d_heun or big) < (d_euler or big)
     gap_txt = "; ".join(
-        f"{s}: " + ", ".join(f"N={d}: {100 * g:+.1f}" for d, g in gap[s].items())
+        f"{s}: " + ", ".join(f"N={d}: {100 * g:+.1f}" for d, g in numbers["gap"][s].items())
         for s in ("euler", "heun")
     )
-    claims = [
+    ratio = np.mean([gerr[("heun", d)] / max(gerr[("euler", d)], 1e-300) for d in depths])
+    heun_closer = all(gerr[("heun", d)] < gerr[("euler", d)] for d in depths)
+    return [
         Claim(
             key="match_depth",
             text="with the adjoint, Heun matches autograd from a smaller depth than Euler",
@@ -260,7 +195,9 @@ def run(
                 f"(pts) {gap_txt}"
             ),
             value=float(d_heun) if d_heun else float("nan"),
-            verdict="reproduced" if ok else "not reproduced",
+            verdict="reproduced" if (d_heun or big) < (d_euler or big) else "not reproduced",
+            rule=f"reproduced when the depth from which the adjoint's mean error stays within "
+            f"{100 * tol:.0f} pts of autograd's is smaller for Heun than for Euler",
         ),
         Claim(
             key="grad_error",
@@ -269,40 +206,17 @@ def run(
             "models: "
             + "; ".join(
                 f"N={d}: Euler {gerr[('euler', d)]:.2e}, Heun {gerr[('heun', d)]:.2e}"
-                for d in cfg["depths"]
+                for d in depths
             ),
-            value=float(
-                np.mean(
-                    [gerr[("heun", d)] / max(gerr[("euler", d)], 1e-300) for d in cfg["depths"]]
-                )
-            ),
-            verdict="reproduced"
-            if all(gerr[("heun", d)] < gerr[("euler", d)] for d in cfg["depths"])
-            else "not reproduced",
+            value=float(ratio),
+            verdict="reproduced" if heun_closer else "not reproduced",
+            rule="reproduced when Heun's error is below Euler's at every depth",
         ),
     ]
-    numbers = {
-        "grad_error_trained": {f"{s}/N{d}": v for (s, d), v in gerr.items()},
-        "match_depth": {"euler": d_euler, "heun": d_heun},
-        "gap": gap,
-        "table": table,
-    }
-    return finish(
-        out_dir,
-        ID,
-        preset,
-        cfg,
-        seeds,
-        device,
-        t0,
-        numbers,
-        claims,
-        figures,
-        tables=["test_error.csv"],
-    )
 
 
-if __name__ == "__main__":
-    from resode.cli import experiment_main
-
-    experiment_main(ID)
+EXPERIMENT = Experiment(
+    "heun-depth", "Fig. 3c: test error vs depth, Euler/Heun x autograd/adjoint",
+    PRESETS, collect, aggregate, figure, claims,
+    figure_name="test_error_vs_depth", paper_dataset="cifar10"
+)  # fmt: skip

@@ -25,32 +25,28 @@ The stage is a :class:`resode.ResidualStack` of ``nn.Linear(2, 2, bias=False)`` 
 from __future__ import annotations
 
 import math
-import os
-import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .common import (
-    Claim,
-    check_preset,
-    finish,
-    loglog_slope,
-    pyplot,
-    run_sweep,
-    save_figure,
-    seed_everything,
-    write_csv,
-)
+from resode.utils import loglog_slope, seed_everything
 
-ID = "linear-weights"
-TITLE = "Fig. 2: trained linear ResNet weights are smooth in depth"
+from .claims import Claim
+from .context import Context
+from .experiment import Experiment
+from .figures import pyplot
 
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(
-        dim=2, depths=[10, 20, 40], show_depth=20, samples=256, tol=1e-5, max_iter=300, lr_scale=0.1
+        dim=2,
+        depths=[10, 20, 40],
+        show_depth=20,
+        samples=256,
+        tol=1e-5,
+        max_iter=300,
+        lr_scale=0.1,
+        seeds=[0],
     ),
     "quick": dict(
         dim=2,
@@ -60,6 +56,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         tol=1e-5,
         max_iter=3000,
         lr_scale=0.1,
+        seeds=[0, 1, 2],
     ),
     "paper": dict(
         dim=2,
@@ -69,6 +66,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         tol=1e-5,
         max_iter=100000,
         lr_scale=0.1,
+        seeds=[0, 1, 2],
     ),
 }
 
@@ -133,43 +131,19 @@ def _entries(w: list[list[float]]) -> dict[str, float]:
     return {f"A[{a}][{b}]": w[a][b] for a in range(len(w)) for b in range(len(w[a]))}
 
 
-def run(
-    preset: str = "quick",
-    out: str | os.PathLike = "results",
-    seeds: list[int] | None = None,
-    device: str = "cpu",
-    data_root: str | None = None,
-    launcher: str = "inline",
-    **overrides: Any,
-) -> dict[str, Any]:
-    check_preset(preset)
-    t0 = time.time()
-    cfg = {**PRESETS[preset], **overrides}
-    seeds = list(seeds or ([0] if preset == "smoke" else [0, 1, 2]))
-    out_dir = Path(out) / ID
+def collect(ctx: Context) -> list[dict[str, Any]]:
+    keys = ("dim", "samples", "tol", "max_iter", "lr_scale")
     jobs = [
-        dict(
-            dim=cfg["dim"],
-            depth=n,
-            seed=s,
-            samples=cfg["samples"],
-            tol=cfg["tol"],
-            max_iter=cfg["max_iter"],
-            lr_scale=cfg["lr_scale"],
-        )
-        for n in cfg["depths"]
-        for s in seeds
+        dict(depth=n, seed=s, **{k: ctx.cfg[k] for k in keys})
+        for n in ctx.cfg["depths"]
+        for s in ctx.seeds
     ]
-    rows = run_sweep(
-        train_point,
-        jobs,
-        out_dir / "runs",
-        key=lambda j: f"N{j['depth']}-s{j['seed']}",
-        launcher=launcher,
-        desc="linear-weights",
-    )
+    return ctx.sweep(train_point, jobs, key=lambda j: f"N{j['depth']}-s{j['seed']}")
+
+
+def aggregate(ctx: Context, rows: list[dict[str, Any]]) -> dict[str, Any]:
     table = []
-    for n in cfg["depths"]:
+    for n in ctx.cfg["depths"]:
         rs = [r for r in rows if r["depth"] == n]
         table.append(
             {
@@ -183,18 +157,22 @@ def run(
                 "seeds": len(rs),
             }
         )
-    write_csv(out_dir / "smoothness.csv", table)
+    ctx.write_table("smoothness.csv", table)
     show = next(
-        (r for r in rows if r["depth"] == cfg["show_depth"] and r["seed"] == seeds[0]), rows[0]
+        (r for r in rows if r["depth"] == ctx.cfg["show_depth"] and r["seed"] == ctx.seed), rows[0]
     )
-    write_csv(
-        out_dir / "weights.csv",
+    ctx.write_table(
+        "weights.csv",
         [{"n": i, "t": i / show["depth"], **_entries(w)} for i, w in enumerate(show["weights"])],
+        report=False,  # per-layer A_n of the shown run
     )
     slope = loglog_slope([t["depth"] for t in table], [t["max_diff"] for t in table])
+    return {"slope_max_diff_vs_N": slope, "table": table, "_show": show}
 
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+
+def figure(ctx: Context, numbers: dict[str, Any]):
+    table, show, slope = numbers["table"], numbers["_show"], numbers["slope_max_diff_vs_N"]
+    fig, axes = pyplot().subplots(1, 2, figsize=(10, 4))
     w = torch.tensor(show["weights"])  # (N, 2, 2)
     t = torch.arange(w.shape[0]) / w.shape[0]
     for a in range(2):
@@ -217,40 +195,31 @@ def run(
     axes[1].set_title(f"(b) smoothness vs depth (fitted slope {slope:.2f})")
     axes[1].legend()
     axes[1].grid(alpha=0.3, which="both")
-    figures = save_figure(fig, out_dir, "linear_weights")
+    return fig
 
+
+def claims(ctx: Context, numbers: dict[str, Any]) -> list[Claim]:
+    table, slope = numbers["table"], numbers["slope_max_diff_vs_N"]
     all_conv = all(t_["converged"] for t_ in table)
     scaled = ", ".join(f"{t_['max_diff_times_N']:.2f}" for t_ in table)
-    claims = [
+    return [
         Claim(
             key="smoothness_slope",
             text="trained weights are smooth in depth: max_n ||A_{n+1}-A_n|| ~ 1/N",
             evidence=(
-                f"fitted log-log slope {slope:.2f} over N={ns} (expected -1); "
-                f"N*max diff = {scaled}; "
-                f"all runs reached loss<{cfg['tol']:g}: {all_conv}"
+                f"fitted log-log slope {slope:.2f} over N={[t_['depth'] for t_ in table]} "
+                f"(expected -1); N*max diff = {scaled}; "
+                f"all runs reached loss<{ctx.cfg['tol']:g}: {all_conv}"
             ),
             value=slope,
             verdict="reproduced" if (slope < -0.8 and all_conv) else "not reproduced",
+            rule="reproduced when the fitted slope is below -0.8 and every run converged",
         )
     ]
-    numbers = {"slope_max_diff_vs_N": slope, "table": table}
-    return finish(
-        out_dir,
-        ID,
-        preset,
-        cfg,
-        seeds,
-        "cpu",
-        t0,
-        numbers,
-        claims,
-        figures,
-        tables=["smoothness.csv"],  # weights.csv (per-layer A_n) is written too
-    )
 
 
-if __name__ == "__main__":
-    from resode.cli import experiment_main
-
-    experiment_main(ID)
+EXPERIMENT = Experiment(
+    "linear-weights", "Fig. 2: trained linear ResNet weights are smooth in depth",
+    PRESETS, collect, aggregate, figure, claims,
+    figure_name="linear_weights", devices=("cpu",)
+)  # fmt: skip

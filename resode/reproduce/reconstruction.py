@@ -15,33 +15,22 @@ stated in the summary).
 
 from __future__ import annotations
 
-import os
-import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .common import (
-    Claim,
-    check_preset,
-    finish,
-    loglog_slope,
-    pyplot,
-    run_sweep,
-    save_figure,
-    seed_everything,
-    write_csv,
-)
+from resode.utils import loglog_slope, seed_everything
 
-ID = "reconstruction"
-TITLE = "Reconstruction error of the reverse steps vs depth (random-init ResNet stage)"
+from .claims import Claim
+from .context import Context
+from .experiment import Experiment
+from .figures import pyplot
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "smoke": dict(depths=[2**k for k in range(1, 6)], batch=16, channels=16),
-    "quick": dict(depths=[2**k for k in range(1, 10)], batch=32, channels=16),
-    "paper": dict(depths=[2**k for k in range(1, 16)], batch=128, channels=16),
+    "smoke": dict(depths=[2**k for k in range(1, 6)], batch=16, channels=16, seeds=[0]),
+    "quick": dict(depths=[2**k for k in range(1, 10)], batch=32, channels=16, seeds=[0]),
+    "paper": dict(depths=[2**k for k in range(1, 16)], batch=128, channels=16, seeds=[0, 1]),
 }
 
 
@@ -87,112 +76,85 @@ def measure_point(
     return {"scheme": scheme, "depth": depth, "seed": seed, "error": err}
 
 
-def run(
-    preset: str = "quick",
-    out: str | os.PathLike = "results",
-    seeds: list[int] | None = None,
-    device: str = "cpu",
-    data_root: str | None = None,
-    launcher: str = "inline",
-    **overrides: Any,
-) -> dict[str, Any]:
-    from .training import dataset_for
-
-    check_preset(preset)
-    t0 = time.time()
-    cfg = {**PRESETS[preset], **overrides}
-    seeds = list(seeds or ([0, 1] if preset == "paper" else [0]))
-    out_dir = Path(out) / ID
-    dataset, data_kwargs = dataset_for(preset, data_root, paper="cifar10")
-    data_note = dataset
+def collect(ctx: Context) -> list[dict[str, Any]]:
+    data = ctx.data
+    ctx.cfg["dataset"] = data_note = ctx.dataset
     try:
-        _images(dataset, data_kwargs, data_root, 2, 0)
+        _images(ctx.dataset, ctx.data_kwargs, ctx.data_root, 2, 0)
     except Exception as e:  # data missing: say so and use synthetic images
-        data_note = f"synthetic (could not load {dataset}: {type(e).__name__})"
-        dataset, data_kwargs = "synthetic", dict(in_channels=3, image_size=32, num_test=256)
-    cfg["dataset"] = data_note
+        data_note = f"synthetic (could not load {ctx.dataset}: {type(e).__name__})"
+        data = dict(data, dataset="synthetic",
+                    data_kwargs=dict(in_channels=3, image_size=32, num_test=256))  # fmt: skip
+        ctx.cfg["dataset"] = data_note
     jobs = [
-        dict(
-            scheme=s,
-            depth=n,
-            seed=sd,
-            dataset=dataset,
-            data_kwargs=data_kwargs,
-            data_root=data_root,
-            batch=cfg["batch"],
-            channels=cfg["channels"],
-        )
+        dict(scheme=s, depth=n, seed=sd, **data, batch=ctx.cfg["batch"],
+             channels=ctx.cfg["channels"])
         for s in ("euler", "heun")
-        for n in cfg["depths"]
-        for sd in seeds
-    ]
-    rows = run_sweep(
-        measure_point,
-        jobs,
-        out_dir / "runs",
-        key=lambda j: f"{j['scheme']}-N{j['depth']}-s{j['seed']}",
-        launcher=launcher,
-        desc="reconstruction",
-    )
+        for n in ctx.cfg["depths"]
+        for sd in ctx.seeds
+    ]  # fmt: skip
+    return ctx.sweep(measure_point, jobs, key=lambda j: f"{j['scheme']}-N{j['depth']}-s{j['seed']}")
+
+
+def aggregate(ctx: Context, rows: list[dict[str, Any]]) -> dict[str, Any]:
     table = []
     for s in ("euler", "heun"):
-        for n in cfg["depths"]:
+        for n in ctx.cfg["depths"]:
             errs = [r["error"] for r in rows if r["scheme"] == s and r["depth"] == n]
             table.append(
                 {"scheme": s, "depth": n, "error_mean": sum(errs) / len(errs), "seeds": len(errs)}
             )
-    write_csv(out_dir / "reconstruction.csv", table)
+    ctx.write_table("reconstruction.csv", table)
     slopes = {}
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for s, mk in (("euler", "o-"), ("heun", "s-")):
+    for s in ("euler", "heun"):
         t = [r for r in table if r["scheme"] == s]
         slopes[s] = loglog_slope([r["depth"] for r in t], [r["error_mean"] for r in t])
+    return {"slopes": slopes, "table": table, "images": ctx.cfg["dataset"]}
+
+
+def figure(ctx: Context, numbers: dict[str, Any]):
+    fig, ax = pyplot().subplots(figsize=(5.5, 4))
+    for s, mk in (("euler", "o-"), ("heun", "s-")):
+        t = [r for r in numbers["table"] if r["scheme"] == s]
         ax.loglog(
             [r["depth"] for r in t],
             [r["error_mean"] for r in t],
             mk,
-            label=f"{s} (slope {slopes[s]:.2f})",
+            label=f"{s} (slope {numbers['slopes'][s]:.2f})",
         )
     ax.set_xlabel("depth N")
     ax.set_ylabel(r"relative reconstruction error $\|x-\hat x\|/\|x\|$")
-    ax.set_title(f"random-init conv stage, {data_note} images")
+    ax.set_title(f"random-init conv stage, {numbers['images']} images")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    figures = save_figure(fig, out_dir, "reconstruction")
-    claims = []
+    return fig
+
+
+def claims(ctx: Context, numbers: dict[str, Any]) -> list[Claim]:
+    out = []
     for s in ("euler", "heun"):
-        t = [r for r in table if r["scheme"] == s]
-        first, last = t[0]["error_mean"], t[-1]["error_mean"]
-        ok = slopes[s] < -0.5 and last < first
-        claims.append(
+        t = [r for r in numbers["table"] if r["scheme"] == s]
+        first, last, slope = t[0]["error_mean"], t[-1]["error_mean"], numbers["slopes"][s]
+        out.append(
             Claim(
                 key=f"{s}_slope",
                 text=f"reconstruction error of the reverse {s} steps vanishes as depth grows",
                 evidence=(
                     f"{s}: error {first:.2e} at N={t[0]['depth']} -> {last:.2e} at "
-                    f"N={t[-1]['depth']}, log-log slope {slopes[s]:.2f}"
+                    f"N={t[-1]['depth']}, log-log slope {slope:.2f}"
                 ),
-                value=slopes[s],
-                verdict="reproduced" if ok else "not reproduced",
+                value=slope,
+                verdict="reproduced" if (slope < -0.5 and last < first) else "not reproduced",
+                rule="reproduced when the log-log slope is below -0.5 and the error at the "
+                "largest depth is below the error at the smallest",
             )
         )
-    return finish(
-        out_dir,
-        ID,
-        preset,
-        cfg,
-        seeds,
-        "cpu",
-        t0,
-        {"slopes": slopes, "table": table, "images": data_note},
-        claims,
-        figures,
-        tables=["reconstruction.csv"],
-    )
+    return out
 
 
-if __name__ == "__main__":
-    from resode.cli import experiment_main
-
-    experiment_main(ID)
+EXPERIMENT = Experiment(
+    "reconstruction",
+    "Reconstruction error of the reverse steps vs depth (random-init ResNet stage)",
+    PRESETS, collect, aggregate, figure, claims,
+    figure_name="reconstruction", paper_dataset="cifar10", devices=("cpu",)
+)  # fmt: skip

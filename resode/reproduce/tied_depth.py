@@ -13,18 +13,14 @@ change between the two deepest models is smaller than between the two shallowest
 
 from __future__ import annotations
 
-import os
-import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .common import Claim, check_preset, finish, pyplot, run_sweep, save_figure, write_csv
-from .training import train_run as train_point
-
-ID = "tied-depth"
-TITLE = "Fig. 3a: tied-weight ResNets, test accuracy vs depth"
+from .claims import Claim
+from .context import Context
+from .experiment import Experiment
+from .figures import pyplot
 
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(
@@ -55,66 +51,46 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def run(
-    preset: str = "quick",
-    out: str | os.PathLike = "results",
-    seeds: list[int] | None = None,
-    device: str = "cpu",
-    data_root: str | None = None,
-    launcher: str = "inline",
-    **overrides: Any,
-) -> dict[str, Any]:
-    from .training import dataset_for
-
-    check_preset(preset)
-    t0 = time.time()
-    cfg = {**PRESETS[preset], **overrides}
-    seeds = list(seeds or cfg["seeds"])
-    out_dir = Path(out) / ID
-    dataset, data_kwargs = dataset_for(preset, data_root, paper="cifar10")
-    cfg["dataset"] = dataset
+def collect(ctx: Context) -> list[dict[str, Any]]:
     jobs = [
-        dict(
-            run_dir=str(out_dir / "runs" / f"steps{d}-s{s}"),
-            model="resnet",
-            model_kwargs=dict(layers=[d + 1] * 4, tied=True, scheme="euler", **cfg["model"]),
-            dataset=dataset,
-            data_kwargs=data_kwargs,
-            data_root=data_root,
-            device=device,
+        ctx.train_job(
+            f"steps{d}-s{s}",
+            "resnet",
+            dict(layers=[d + 1] * 4, tied=True, scheme="euler", **ctx.cfg["model"]),
+            ctx.cfg["train"],
             seed=s,
-            **cfg["train"],
         )
-        for d in cfg["depths"]
-        for s in seeds
+        for d in ctx.cfg["depths"]
+        for s in ctx.seeds
     ]
-    rows = run_sweep(
-        train_point,
-        jobs,
-        out_dir / "runs",
-        key=lambda j: Path(j["run_dir"]).name,
-        launcher=launcher,
-        desc="tied-depth",
-    )
+    return ctx.train_sweep(jobs)
+
+
+def aggregate(ctx: Context, rows: list[dict[str, Any]]) -> dict[str, Any]:
     table = []
-    for d in cfg["depths"]:
-        accs = [r["best_test_acc"] for r in rows if r["job"]["model_kwargs"]["layers"][0] == d + 1]
+    for d in ctx.cfg["depths"]:
+        sel = [r for r in rows if r["job"]["model_kwargs"]["layers"][0] == d + 1]
+        accs = [r["best_test_acc"] for r in sel]
         table.append(
             {
                 "steps_per_stage": d,
                 "acc_mean": float(np.mean(accs)),
                 "acc_min": float(np.min(accs)),
                 "acc_max": float(np.max(accs)),
-                "params": next(
-                    r["num_params"] for r in rows if r["job"]["model_kwargs"]["layers"][0] == d + 1
-                ),
+                "params": sel[0]["num_params"],
                 "seeds": len(accs),
             }
         )
-    write_csv(out_dir / "accuracy.csv", table)
+    ctx.write_table("accuracy.csv", table)
+    acc = [r["acc_mean"] for r in table]
+    first_change = abs(acc[1] - acc[0]) if len(acc) > 1 else float("nan")
+    last_change = abs(acc[-1] - acc[-2]) if len(acc) > 1 else float("nan")
+    return {"table": table, "first_change": first_change, "last_change": last_change}
 
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+
+def figure(ctx: Context, numbers: dict[str, Any]):
+    table = numbers["table"]
+    fig, ax = pyplot().subplots(figsize=(5.5, 4))
     d = [r["steps_per_stage"] for r in table]
     ax.plot(d, [100 * r["acc_mean"] for r in table], "o-", label="tied ResNet (mean)")
     ax.fill_between(
@@ -123,45 +99,34 @@ def run(
     ax.set_xscale("log", base=2)
     ax.set_xlabel("residual steps per stage (same parameters at every depth)")
     ax.set_ylabel("best test accuracy (%)")
-    ax.set_title(f"tied-weight ResNet on {dataset}")
+    ax.set_title(f"tied-weight ResNet on {ctx.dataset}")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    figures = save_figure(fig, out_dir, "tied_depth")
+    return fig
 
-    acc = [r["acc_mean"] for r in table]
-    first_change = abs(acc[1] - acc[0]) if len(acc) > 1 else float("nan")
-    last_change = abs(acc[-1] - acc[-2]) if len(acc) > 1 else float("nan")
-    ok = len(acc) > 2 and last_change < first_change
-    claims = [
+
+def claims(ctx: Context, numbers: dict[str, Any]) -> list[Claim]:
+    table, first, last = numbers["table"], numbers["first_change"], numbers["last_change"]
+    return [
         Claim(
             key="converges",
             text="test accuracy of tied-weight ResNets converges as depth grows",
             evidence=(
                 "accuracy (%) by steps/stage: "
                 + ", ".join(f"{r['steps_per_stage']}: {100 * r['acc_mean']:.1f}" for r in table)
-                + f"; change between the two shallowest {100 * first_change:.1f} pts, "
-                f"between the two deepest {100 * last_change:.1f} pts"
+                + f"; change between the two shallowest {100 * first:.1f} pts, "
+                f"between the two deepest {100 * last:.1f} pts"
             ),
-            value=last_change,
-            verdict="reproduced" if ok else "not reproduced",
+            value=last,
+            verdict="reproduced" if (len(table) > 2 and last < first) else "not reproduced",
+            rule="reproduced when the accuracy change between the two deepest models is smaller "
+            "than between the two shallowest (at least three depths)",
         )
     ]
-    return finish(
-        out_dir,
-        ID,
-        preset,
-        cfg,
-        seeds,
-        device,
-        t0,
-        {"table": table, "first_change": first_change, "last_change": last_change},
-        claims,
-        figures,
-        tables=["accuracy.csv"],
-    )
 
 
-if __name__ == "__main__":
-    from resode.cli import experiment_main
-
-    experiment_main(ID)
+EXPERIMENT = Experiment(
+    "tied-depth", "Fig. 3a: tied-weight ResNets, test accuracy vs depth",
+    PRESETS, collect, aggregate, figure, claims,
+    figure_name="tied_depth", paper_dataset="cifar10"
+)  # fmt: skip

@@ -17,16 +17,14 @@ runs with a larger fine-tuning learning rate (1e-2: at 1e-3 a few dozen steps ch
 
 from __future__ import annotations
 
-import os
-import time
-from pathlib import Path
 from typing import Any
 
-from .common import Claim, check_preset, finish, pyplot, run_sweep, save_figure, write_csv
-from .training import train_run as train_point
+from .claims import Claim
+from .context import Context
+from .experiment import Experiment
+from .figures import pyplot
 
-ID = "untie-finetune"
-TITLE = "Table 2: untie a pretrained tied ResNet and fine-tune it with the adjoint"
+MIB = 1 / 2**20
 
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(
@@ -79,12 +77,11 @@ def activation_memory(
     import resode
     from resode.diagnostics import saved_tensor_bytes
     from resode.models import untie
-    from resode.train import model_from_checkpoint
 
-    from .training import one_batch
+    from .training import load_model, one_batch
 
     x, _ = one_batch(dataset, data_root, data_kwargs, batch, 0)
-    net = untie(model_from_checkpoint(checkpoint)).train()
+    net = untie(load_model(checkpoint)).train()
     for n, p in net.named_parameters():
         p.requires_grad_(n.startswith(stage + "."))
     sub = getattr(net, stage)
@@ -95,103 +92,59 @@ def activation_memory(
     return out
 
 
-def run(
-    preset: str = "quick",
-    out: str | os.PathLike = "results",
-    seeds: list[int] | None = None,
-    device: str = "cpu",
-    data_root: str | None = None,
-    launcher: str = "inline",
-    **overrides: Any,
-) -> dict[str, Any]:
-    from .training import dataset_for
-
-    check_preset(preset)
-    t0 = time.time()
-    cfg = {**PRESETS[preset], **overrides}
-    seeds = list(seeds or [0])
-    seed = seeds[0]
-    out_dir = Path(out) / ID
-    dataset, data_kwargs = dataset_for(preset, data_root, paper="cifar10")
-    cfg["dataset"] = dataset
-    common = dict(
-        dataset=dataset, data_kwargs=data_kwargs, data_root=data_root, device=device, seed=seed
-    )
-    (pre,) = run_sweep(
-        train_point,
-        [
-            dict(
-                run_dir=str(out_dir / "runs" / f"pretrain-tied-s{seed}"),
-                model="resnet",
-                model_kwargs=dict(cfg["model_kwargs"], tied=True, backward="autograd"),
-                **common,
-                **cfg["pretrain"],
-            )
-        ],
-        out_dir / "runs",
-        key=lambda j: Path(j["run_dir"]).name,
-        launcher=launcher,
-        desc="untie-finetune: pretrain",
-    )
-    (fine,) = run_sweep(
-        train_point,
-        [
-            dict(
-                run_dir=str(out_dir / "runs" / f"finetune-untied-adjoint-s{seed}"),
-                model="resnet",
-                model_kwargs=dict(backward="adjoint"),
-                init_checkpoint=pre["checkpoint"],
-                transform="untie",
-                trainable=[cfg["stage"]],
-                **common,
-                **cfg["finetune"],
-            )
-        ],
-        out_dir / "runs",
-        key=lambda j: Path(j["run_dir"]).name,
-        launcher=launcher,
-        desc="untie-finetune: fine-tune",
-    )
-    mem = activation_memory(
-        pre["checkpoint"], cfg["stage"], dataset, data_kwargs, data_root,
-        cfg["finetune"]["batch_size"],
+def collect(ctx: Context) -> dict[str, Any]:
+    cfg, seed = ctx.cfg, ctx.seed
+    (pre,) = ctx.train_sweep(
+        [ctx.train_job(f"pretrain-tied-s{seed}", "resnet",
+                       dict(cfg["model_kwargs"], tied=True, backward="autograd"),
+                       cfg["pretrain"], seed=seed)],
+        desc="pretrain",
     )  # fmt: skip
-    before = pre["final_test_acc"]
-    after = fine["best_test_acc"]
-    mib = 1 / 2**20
-    table = [
-        {
-            "model": f"tied {cfg['model_kwargs']['layers']} (pretrained, autograd)",
-            "test_acc": before,
-            "stage_backward": "autograd",
-            "activation_MiB": mem["autograd"] * mib,
-        },
-        {
-            "model": f"untied, {cfg['stage']} fine-tuned with the adjoint",
-            "test_acc": after,
-            "stage_backward": "adjoint",
-            "activation_MiB": mem["adjoint"] * mib,
-        },
-    ]
-    write_csv(out_dir / "table2.csv", table)
+    (fine,) = ctx.train_sweep(
+        [ctx.train_job(f"finetune-untied-adjoint-s{seed}", "resnet", dict(backward="adjoint"),
+                       cfg["finetune"], seed=seed, init_checkpoint=pre["checkpoint"],
+                       transform="untie", trainable=[cfg["stage"]])],
+        desc="fine-tune",
+    )  # fmt: skip
+    mem = activation_memory(pre["checkpoint"], cfg["stage"], ctx.dataset, ctx.data_kwargs,
+                            ctx.data_root, ctx.training(cfg["finetune"])["batch_size"])  # fmt: skip
+    return {"pre": pre, "fine": fine, "mem": mem}
 
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    h = fine["history"]
+
+def aggregate(ctx: Context, results: dict[str, Any]) -> dict[str, Any]:
+    mem, cfg = results["mem"], ctx.cfg
+    before, after = results["pre"]["final_test_acc"], results["fine"]["best_test_acc"]
+    table = [
+        {"model": f"tied {cfg['model_kwargs']['layers']} (pretrained, autograd)",
+         "test_acc": before, "stage_backward": "autograd", "activation_MiB": mem["autograd"] * MIB},
+        {"model": f"untied, {cfg['stage']} fine-tuned with the adjoint", "test_acc": after,
+         "stage_backward": "adjoint", "activation_MiB": mem["adjoint"] * MIB},
+    ]  # fmt: skip
+    ctx.write_table("table2.csv", table)
+    return {"acc_before": before, "acc_after": after, "memory_bytes": mem, "table": table,
+            "_history": results["fine"]["history"]}  # fmt: skip
+
+
+def figure(ctx: Context, numbers: dict[str, Any]):
+    before, h, mem = numbers["acc_before"], numbers["_history"], numbers["memory_bytes"]
+    fig, ax = pyplot().subplots(figsize=(5.5, 4))
     ax.plot([0] + [e["epoch"] for e in h], [100 * before] + [100 * e["test_acc"] for e in h],
             "o-", label="untied, fine-tuned with adjoint")  # fmt: skip
     ax.axhline(100 * before, color="gray", ls=":", label="tied model before untying")
     ax.set_xlabel("fine-tuning epoch")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(
-        f"{dataset}: activation memory of the fine-tuning forward\n"
-        f"autograd {mem['autograd'] * mib:.1f} MiB vs adjoint {mem['adjoint'] * mib:.1f} MiB"
+        f"{ctx.dataset}: activation memory of the fine-tuning forward\n"
+        f"autograd {mem['autograd'] * MIB:.1f} MiB vs adjoint {mem['adjoint'] * MIB:.1f} MiB"
     )
     ax.grid(alpha=0.3)
     ax.legend()
-    figures = save_figure(fig, out_dir, "untie_finetune")
+    return fig
 
-    claims = [
+
+def claims(ctx: Context, numbers: dict[str, Any]) -> list[Claim]:
+    before, after, mem = numbers["acc_before"], numbers["acc_after"], numbers["memory_bytes"]
+    return [
         Claim(
             key="accuracy",
             text="untying a tied ResNet and fine-tuning it with the adjoint improves accuracy",
@@ -199,36 +152,25 @@ def run(
             f"fine-tuned with the adjoint), {after - before:+.4f}",
             value=after - before,
             verdict="reproduced" if after > before else "not reproduced",
+            rule="reproduced when the fine-tuned accuracy is above the tied model's",
         ),
         Claim(
             key="memory",
             text="fine-tuning with the adjoint needs (almost) no activation memory for the stage",
             evidence=(
-                f"bytes saved for backward with only {cfg['stage']} trainable: autograd "
-                f"{mem['autograd'] * mib:.2f} MiB, adjoint {mem['adjoint'] * mib:.2f} MiB "
+                f"bytes saved for backward with only {ctx.cfg['stage']} trainable: autograd "
+                f"{mem['autograd'] * MIB:.2f} MiB, adjoint {mem['adjoint'] * MIB:.2f} MiB "
                 f"({mem['autograd'] / max(mem['adjoint'], 1):.1f}x less)"
             ),
             value=mem["autograd"] / max(mem["adjoint"], 1),
             verdict="reproduced" if mem["adjoint"] * 2 < mem["autograd"] else "not reproduced",
+            rule="reproduced when the adjoint saves less than half of autograd's bytes",
         ),
     ]
-    numbers = {"acc_before": before, "acc_after": after, "memory_bytes": mem, "table": table}
-    return finish(
-        out_dir,
-        ID,
-        preset,
-        cfg,
-        seeds,
-        device,
-        t0,
-        numbers,
-        claims,
-        figures,
-        tables=["table2.csv"],
-    )
 
 
-if __name__ == "__main__":
-    from resode.cli import experiment_main
-
-    experiment_main(ID)
+EXPERIMENT = Experiment(
+    "untie-finetune", "Table 2: untie a pretrained tied ResNet and fine-tune it with the adjoint",
+    PRESETS, collect, aggregate, figure, claims,
+    figure_name="untie_finetune", paper_dataset="cifar10"
+)  # fmt: skip

@@ -1,0 +1,87 @@
+"""Claims of the paper, the evidence measured for them, and their verdicts.
+
+A :class:`Claim` carries the paper's statement, a sentence of evidence with numbers, a headline
+number, a verdict (one of :data:`VERDICTS`) and the rule that turned the numbers into the verdict.
+:func:`seed_stats` and :func:`verdict_above_noise` judge an effect measured over several seeds
+against its spread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+VERDICTS: tuple[str, ...] = ("reproduced", "not reproduced", "inconclusive", "partial", "not run")
+
+
+@dataclasses.dataclass
+class Claim:
+    """One claim of the paper with the evidence measured here.
+
+    Attributes:
+        key: short id (unique inside an experiment).
+        text: the paper's claim, in words.
+        evidence: what was measured, with numbers (a sentence).
+        value: the headline number (``None`` when not run).
+        verdict: one of :data:`VERDICTS`; a non-finite ``value`` is never ``"reproduced"``.
+        rule: how the verdict follows from the numbers, in words.
+    """
+
+    key: str
+    text: str
+    evidence: str
+    value: float | None
+    verdict: str
+    rule: str = ""
+
+    def __post_init__(self) -> None:
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
+        if self.value is not None and not math.isfinite(float(self.value)):
+            self.value = float(self.value)
+            if self.verdict == "reproduced":
+                self.verdict = "not reproduced"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def verdict(ok: bool | None) -> str:
+    """``"reproduced"`` / ``"not reproduced"`` for a yes/no rule, ``"not run"`` for ``None``."""
+    if ok is None:
+        return "not run"
+    return "reproduced" if ok else "not reproduced"
+
+
+def seed_stats(values: Sequence[float]) -> dict[str, float]:
+    """Mean, sample standard deviation (0 for one value), min, max and count over seeds."""
+    a = np.asarray(values, dtype=float)
+    if a.size == 0:
+        raise ValueError("seed_stats needs at least one value")
+    std = float(a.std(ddof=1)) if a.size > 1 else 0.0
+    return {"mean": float(a.mean()), "std": std, "min": float(a.min()), "max": float(a.max()),
+            "n": int(a.size)}  # fmt: skip
+
+
+def verdict_above_noise(effects: Sequence[float], k: float = 1.0) -> tuple[str, str]:
+    """Verdict on an effect measured once per seed (positive = the paper's claim holds).
+
+    ``reproduced`` when ``mean > k * std``, ``not reproduced`` when ``mean < -k * std``,
+    ``inconclusive`` otherwise and whenever fewer than two seeds were run (no spread to compare
+    with). Returns ``(verdict, rule)``, the rule in words for the report.
+    """
+    st = seed_stats(effects)
+    rule = (f"effect mean {st['mean']:+.3g} vs {k:g} x seed std {st['std']:.3g} over "
+            f"{st['n']} seeds: above = reproduced, below minus = not reproduced, else "
+            "inconclusive")  # fmt: skip
+    if st["n"] < 2:
+        return "inconclusive", rule + " (one seed: no spread to compare with)"
+    if st["mean"] > k * st["std"]:
+        return "reproduced", rule
+    if st["mean"] < -k * st["std"]:
+        return "not reproduced", rule
+    return "inconclusive", rule
