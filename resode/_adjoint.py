@@ -13,12 +13,13 @@ Backward, for each step ``n`` from the last, starting at ``x^_N = y``:
 2. recompute step ``n`` at ``x^_n`` with autograd, take its vector-Jacobian product with the
    incoming gradient, add the parameter and extra-argument gradients to accumulators allocated
    once before the loop, free the graph;
-3. measure the step's consistency ``||Phi_n(x^_n) - x^_{n+1}|| / ||x^_{n+1}||`` from the
-   recomputed output (free: the recomputation is needed anyway).
+3. measure the step's consistency ``||Phi_n(x^_n) - x^_{n+1}||`` from the recomputed output
+   (free: the recomputation is needed anyway) and keep the running maximum.
 
 At the end, ``drift = ||x^_0 - x_0|| / ||x_0||`` compares the fully rebuilt input with the stored
-one. Both numbers are kept as 0-dim tensors (no device synchronisation) in the stage's
-:class:`BackwardReport`. Peak memory is one step's graph, whatever the depth.
+one, and ``max_step_error = max_n ||Phi_n(x^_n) - x^_{n+1}|| / ||y||``. Both numbers are kept
+as 0-dim tensors (no device synchronisation) in the stage's :class:`BackwardReport`. Peak memory
+is one step's graph, whatever the depth.
 
 The gradients are approximate: the rebuilt ``x^_n`` carry the reverse step's local error, so the
 relative gradient error is ``O(h^{K+1})`` for Euler and ``O(h^2)`` or better (measured about
@@ -73,8 +74,9 @@ class BackwardReport:
         tol: ``"auto"``'s drift tolerance (``None`` for the other modes).
         drift_tensor: ``||x^_0 - x_0|| / ||x_0||`` as a 0-dim tensor (0 for ``"autograd"``:
             nothing is rebuilt); ``drift`` gives it as a float.
-        step_error_tensor: ``max_n ||Phi_n(x^_n) - x^_{n+1}|| / ||x^_{n+1}||`` as a 0-dim
-            tensor; ``max_step_error`` gives it as a float.
+        step_error_tensor: ``max_n ||Phi_n(x^_n) - x^_{n+1}|| / ||y||`` (``y = x^_N`` the stage
+            output; 0 for ``"autograd"``) as a 0-dim tensor; ``max_step_error`` gives it as a
+            float.
 
     The values stay tensors until read, so a backward never waits for the device to report.
     """
@@ -95,7 +97,7 @@ class BackwardReport:
 
     @property
     def max_step_error(self) -> float:
-        """Largest per-step inconsistency ``||Phi_n(x^_n) - x^_{n+1}|| / ||x^_{n+1}||``."""
+        """Largest per-step inconsistency ``max_n ||Phi_n(x^_n) - x^_{n+1}|| / ||y||``."""
         return float(self.step_error_tensor)
 
     def to_dict(self) -> dict:
@@ -243,12 +245,20 @@ def norm_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
+def dist(a: Tensor, b: Tensor) -> Tensor:
+    """``||a - b||`` as a 0-dim tensor (in :func:`norm_dtype`), without a synchronisation."""
+    return torch.linalg.vector_norm(a - b, dtype=norm_dtype(a))
+
+
 def rel_norm(a: Tensor, b: Tensor) -> Tensor:
     """``||a - b|| / ||b||`` as a 0-dim tensor, without a device synchronisation."""
-    dtype = norm_dtype(a)
-    num = torch.linalg.vector_norm(a - b, dtype=dtype)
-    den = torch.linalg.vector_norm(b, dtype=dtype)
-    return num / den.clamp_min(torch.finfo(dtype).tiny)
+    return relative(dist(a, b), b)
+
+
+def relative(num: Tensor, b: Tensor) -> Tensor:
+    """``num / ||b||`` (``0/0 = 0``)."""
+    den = torch.linalg.vector_norm(b, dtype=num.dtype)
+    return num / den.clamp_min(torch.finfo(num.dtype).tiny)
 
 
 class Pullback:
@@ -359,10 +369,11 @@ def reconstruct_and_pull(
             x_n = x_n.detach().requires_grad_(True)
             g, out = pull.pull(range(n, n + 1), x_n, g)
             with torch.no_grad():
-                torch.maximum(step_error, rel_norm(out, start), out=step_error)
+                torch.maximum(step_error, dist(out, start), out=step_error)
             x_next = x_n.detach()
         with torch.no_grad():
             drift = rel_norm(x_next, state.x.detach())
+            step_error = relative(step_error, state.y)
     return Reconstruction(pull, g, drift, step_error)
 
 

@@ -143,7 +143,7 @@ class Stage(nn.Module):
             accurate passes.
 
     After each backward, ``stage.last_backward`` is a :class:`BackwardReport`: ``drift``,
-    ``max_step_error`` (``max_n ||Phi_n(x^_n) - x^_{n+1}|| / ||x^_{n+1}||``, free from the
+    ``max_step_error`` (``max_n ||Phi_n(x^_n) - x^_{n+1}|| / ||y||``, free from the
     recomputation), ``exact``, ``fell_back``, ``mode``, ``refine``. When a stage runs several
     times in one forward, it describes the backward that ran last.
     """
@@ -304,34 +304,52 @@ def backward_reports(model: nn.Module) -> dict[str, BackwardReport]:
     }
 
 
-def set_backward(model: nn.Module, mode: str) -> dict[Stage, str]:
-    """Set the backward mode of every stage in ``model``; returns the previous modes.
+def set_backward(
+    model: nn.Module, mode: str, *, refine: int | None = None, tol: float | None = None
+) -> dict[Stage, tuple[str, int, float]]:
+    """Set the backward mode (and, when given, ``refine`` and ``tol``) of every stage in
+    ``model``; returns each stage's previous ``(backward, refine, tol)``.
 
-    Every stage is checked before any is changed (``"adjoint_paper_code"`` needs Euler).
+    Every stage is checked before any is changed (``"adjoint_paper_code"`` needs Euler; an
+    engine without ``refine`` refuses ``refine > 0``).
     """
     found = stages(model)
     _check_backward(mode)
+    if refine is not None:
+        _check_refine(refine)
+    if tol is not None:
+        _check_tol(tol)
     for s in found:
         _check_backward(mode, s.scheme)
+        if refine and not s.supports_refine:
+            s.refine = refine  # raises the engine's error before anything changed
     previous = {}
     for s in found:
-        previous[s] = s.backward
+        previous[s] = (s.backward, s.refine, s.tol)
         s.backward = mode
+        if refine is not None:
+            s.refine = refine
+        if tol is not None:
+            s.tol = tol
     return previous
 
 
 @contextlib.contextmanager
-def backward_mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
-    """Context manager: run every stage of ``model`` with backward ``mode``, then restore.
+def backward_mode(
+    model: nn.Module, mode: str, *, refine: int | None = None, tol: float | None = None
+) -> Iterator[nn.Module]:
+    """Context manager: run every stage of ``model`` with backward ``mode`` (and ``refine``,
+    ``tol`` when given), then restore. ``mode`` is any backward mode, ``"auto"`` included::
 
-    ``mode`` is any backward mode, ``"auto"`` included.
+        with resode.backward_mode(model, "auto", refine=1):
+            loss_fn(model(x), y).backward()
     """
-    previous = set_backward(model, mode)
+    previous = set_backward(model, mode, refine=refine, tol=tol)
     try:
         yield model
     finally:
-        for s, m in previous.items():
-            s.backward = m
+        for s, (m, k, t) in previous.items():
+            s.backward, s.refine, s.tol = m, k, t
 
 
 def _block_list(

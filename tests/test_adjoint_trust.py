@@ -122,7 +122,8 @@ def test_drift_report_is_the_documented_measure(scheme, refine):
             xs.insert(0, stack.reverse_step(n, xs[0]))
         f = stack._block_fn
         step_errors = [
-            rel(stack.scheme.step(f(n, (), None), n, xs[n], stack.step), xs[n + 1])
+            float((stack.scheme.step(f(n, (), None), n, xs[n], stack.step) - xs[n + 1]).norm())
+            / float(y.norm())
             for n in range(stack.num_steps)
         ]
     assert r.drift == pytest.approx(rel(xs[0], x), rel=1e-10)
@@ -440,3 +441,17 @@ def test_default_tol_accepts_only_accurate_passes():
     accepted = [(c, e) for c, (e, d) in zip(cases, results) if d <= resode.stack.DEFAULT_TOL]
     assert 10 <= len(accepted) <= len(cases) - 10  # both sides of the threshold are sampled
     assert all(e <= 0.05 for _, e in accepted), [a for a in accepted if a[1] > 0.05]
+
+
+def test_backward_mode_sets_refine_and_tol_and_restores_them():
+    model = nn.Sequential(resode.ResidualStack(mlp_blocks(4)), resode.ResidualStack(mlp_blocks(4)))
+    with resode.backward_mode(model, "auto", refine=2, tol=0.5):
+        assert [(s.backward, s.refine, s.tol) for s in resode.stages(model)] == [
+            ("auto", 2, 0.5)
+        ] * 2
+    assert [(s.backward, s.refine, s.tol) for s in resode.stages(model)] == [
+        ("autograd", 0, 1e-2)
+    ] * 2
+    with pytest.raises(ValueError, match="refine must be"):
+        resode.set_backward(model, "adjoint", refine=-1)
+    assert all(s.backward == "autograd" for s in resode.stages(model))
