@@ -7,7 +7,8 @@ of chaining reconstructions from the stage output. That variant keeps every acti
 gradient error is smaller than the true memory-free adjoint's. resode offers it to reproduce the
 paper's figure and to compare (:func:`resode.diagnostics.gradient_error` with
 ``variant="adjoint_stored"``), and as a backward mode of every stage, so experiments can train with
-it too.
+it too. Its :class:`~resode._adjoint.BackwardReport` measures the one-step errors (``drift``: the
+input rebuilt from the stored ``x_1``).
 
 It shares the per-step recompute-and-pull-back of :mod:`resode._adjoint`; what is specific lives
 here: the forward keeps the trajectory, and the backward restarts each reverse step from it.
@@ -44,16 +45,18 @@ class StoredReconstructionAdjoint(torch.autograd.Function):
         args, params = split_inputs(problem, tensors)
         trajectory: list[Tensor] = []
         y = run_forward(problem, x, args, trajectory)
-        save_context(ctx, problem, y, args, params, extra=trajectory)
+        # x_0 is saved as the input; the trajectory adds x_1 .. x_{N-1}
+        save_context(ctx, problem, x, y, args, params, extra=trajectory[1:])
         return y
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         refuse_double_backward()
-        y, _, trajectory = saved(ctx)
+        state = saved(ctx)
+        stored = state.extra
 
         def rebuild_from(n: int, x_next: Tensor) -> Tensor:
             # the stored x_{n+1} (the output for the last step), not the chained reconstruction
-            return trajectory[n + 1] if n + 1 < len(trajectory) else y
+            return stored[n] if n < len(stored) else state.y
 
-        return adjoint_backward(ctx, grad_y, rebuild_from)
+        return adjoint_backward(ctx, grad_y, rebuild_from, mode=MODE, state=state)

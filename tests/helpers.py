@@ -57,3 +57,20 @@ def flat_rel(ga, gb) -> float:
     a = torch.cat([t.reshape(-1) for t in ga])
     b = torch.cat([t.reshape(-1) for t in gb])
     return rel(a, b)
+
+
+def conv_adjoint_peak_mib(depth: int, batch: int = 64, channels: int = 8, size: int = 8) -> float:
+    """Peak process memory (MiB, :class:`resode.utils.PeakMemory`) of one forward and backward of
+    a generic conv-BN stage of ``depth`` blocks with ``backward="adjoint"`` (float32, training
+    mode). Run it in a fresh process (:func:`resode.utils.run_in_child`)."""
+    import resode
+    from resode.models.blocks import conv_block
+    from resode.utils import PeakMemory
+
+    torch.manual_seed(0)
+    stack = resode.ResidualStack.from_factory(lambda: conv_block(channels), depth)
+    stack.backward = "adjoint"
+    x = torch.randn(batch, channels, size, size, requires_grad=True)
+    with PeakMemory("cpu") as pm:
+        stack.train()(x).square().sum().backward()
+    return pm.peak_bytes / 2**20

@@ -46,6 +46,7 @@ def test_gradient_error_matches_manual_computation():
     x = torch.randn(10, 5, dtype=torch.float64)
     t = torch.randint(0, 3, (10,))
     out = diagnostics.gradient_error(model, x, t)
+    with_bias = diagnostics.gradient_error(model, x, t, include_bias=True)
     params = list(model.parameters())
     g = {}
     for mode in ("autograd", "adjoint"):
@@ -56,15 +57,60 @@ def test_gradient_error_matches_manual_computation():
     names = [n for n, _ in model.named_parameters()]
     for name, a, b in zip(names, g["autograd"], g["adjoint"]):
         expected = float(((a - b) ** 2).mean() / (a**2).mean())
-        assert out["per_tensor"][name] == pytest.approx(expected, rel=1e-9)
+        assert with_bias["per_tensor"][name] == pytest.approx(expected, rel=1e-9)
+        if name.endswith("bias"):  # left out by default, as in the paper's compare_gradients.py
+            assert name not in out["per_tensor"] and name in out["excluded"]
+        else:
+            assert out["per_tensor"][name] == with_bias["per_tensor"][name]
+    assert out["zero_grad"] == {} and with_bias["excluded"] == []
     # the head sees the exact forward output: its gradient is exact
     assert out["per_tensor"]["2.weight"] == 0.0
     assert out["per_tensor"]["1.blocks.0.0.weight"] > 0
     num = sum(float(((a - b) ** 2).sum()) for a, b in zip(g["autograd"], g["adjoint"]))
     den = sum(float((a**2).sum()) for a in g["autograd"])
     assert out["global_rel"] == pytest.approx((num / den) ** 0.5, rel=1e-9)
+    assert with_bias["global_rel"] == out["global_rel"]  # unchanged by the per-tensor rules
     assert model[1].backward == "autograd"  # mode restored
     assert all(p.grad is None for p in params)  # .grad untouched
+
+
+def _trained_tiny_resnet(depth=8, steps=30):
+    """A tiny ResNet (generic, float64) trained a few SGD steps from a non-zero residual."""
+    torch.manual_seed(0)
+    model = resode.models.create("tiny_resnet", depth=depth, engine="generic", num_classes=4)
+    model = model.double().train()
+    for b in model.layer1.blocks:
+        nn.init.normal_(b[4].weight, 0.0, 0.5)
+    data = resode.data.get_dataset("synthetic", num_train=64, num_classes=4, image_size=16)
+    x, y = data.train.images.double(), data.train.labels
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, x, y
+
+
+def test_gradient_error_gives_no_relative_error_for_zero_exact_gradients():
+    """Conv biases before a training-mode BatchNorm have a zero exact gradient: their relative
+    error would be a ratio of rounding noises (the quick preset showed 3 to 21)."""
+    model, x, y = _trained_tiny_resnet()
+    with_bias = diagnostics.gradient_error(model, x, y, include_bias=True)
+    conv_biases = {f"layer1.blocks.{i}.{j}.bias" for i in range(model.layer1.depth) for j in (0, 3)}
+    assert conv_biases <= set(with_bias["zero_grad"])
+    assert not conv_biases & set(with_bias["per_tensor"])
+    # their exact gradients are indeed zero (rounding noise)
+    named = dict(model.named_parameters())
+    loss = nn.functional.cross_entropy(model(x), y)
+    grads = dict(zip(named, torch.autograd.grad(loss, list(named.values()))))
+    total = torch.cat([g.reshape(-1) for g in grads.values()]).norm()
+    assert all(grads[n].norm() < 1e-12 * total for n in conv_biases)
+    assert all(grads[n].norm() > 1e-6 * total for n in with_bias["per_tensor"])
+    # the model left its initialisation: real errors, none above 1
+    assert max(with_bias["per_tensor"].values()) < 1
+    assert with_bias["global_rel"] > 1e-6
+    default = diagnostics.gradient_error(model, x, y)
+    assert not any("bias" in n for n in default["per_tensor"]) and default["zero_grad"] == {}
 
 
 def test_gradient_error_restores_bn_buffers():

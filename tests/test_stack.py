@@ -332,7 +332,9 @@ def test_stage_api(scheme):
     assert (stack.depth, stack.step, stack.tied) == (6, 0.01, False)
     assert stack.num_steps == (6 if scheme == "euler" else 5)
     assert all(stack.block(n) is blocks[n] for n in range(6))
-    assert stack.stage_kwargs() == dict(scheme=scheme, backward="autograd", step=0.01, tied=False)
+    assert stack.stage_kwargs() == dict(
+        scheme=scheme, backward="autograd", step=0.01, tied=False, refine=0, tol=1e-2
+    )
     with pytest.raises(AttributeError):
         stack.tied = True  # fixed at construction (the blocks depend on it)
     x = torch.randn(5, 6, dtype=torch.float64)
@@ -415,7 +417,14 @@ def test_adjoint_modules_do_not_import_the_stack():
     import pathlib
 
     root = pathlib.Path(resode.__file__).parent
-    for name in ("_adjoint.py", "_stored_adjoint.py", "_recompute.py", "schemes.py"):
+    for name in (
+        "_adjoint.py",
+        "_stored_adjoint.py",
+        "_auto.py",
+        "_paper_adjoint.py",
+        "_recompute.py",
+        "schemes.py",
+    ):
         imports = _module_imports(root / name, top_level_only=False)
         assert not [i for i in imports if "stack" in i], (name, imports)
     stack_imports = _module_imports(root / "stack.py", top_level_only=True)

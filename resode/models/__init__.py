@@ -20,10 +20,11 @@ from ._registry import (
     get_config,
     is_model,
     list_models,
+    model_parameters,
     register_model,
     unwrap,
 )
-from ._surgery import load_checkpoint_into, resample_depth, untie
+from ._surgery import load_checkpoint_into, read_model_state, resample_depth, untie
 from .mlp import MLPResNet, mlp_resnet
 from .resnet import ODEResNet, resnet18, resnet34, resnet50, resnet101, resnet152
 from .tiny import TinyResNet, tiny_resnet
@@ -47,6 +48,8 @@ __all__ = [
     "list_models",
     "load_checkpoint_into",
     "mlp_resnet",
+    "model_parameters",
+    "read_model_state",
     "register_model",
     "resample_depth",
     "resnet18",

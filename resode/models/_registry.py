@@ -97,6 +97,13 @@ def is_model(name: str) -> bool:
     return name in _REGISTRY
 
 
+def model_parameters(name: str) -> tuple[str, ...]:
+    """The keyword arguments the registered entry ``name`` takes."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
+    return tuple(inspect.signature(_REGISTRY[name]).parameters)
+
+
 def create(name: str, kwargs: dict[str, Any] | None = None, **overrides: Any) -> nn.Module:
     """Build a registered model.
 

@@ -19,9 +19,20 @@ from ..stack import ResidualStack, Stage
 from ._registry import ModelConfig, create, get_config, unwrap
 
 
-def _explicit_step(stack: Stage) -> float | None:
-    """The stack's step if it was set explicitly, ``None`` if it is the default ``1/N``."""
-    return None if math.isclose(stack.step, 1.0 / stack.depth, rel_tol=1e-12) else stack.step
+def _explicit_step(stack: Stage) -> float | str | None:
+    """The stack's step if it was set explicitly (a number, or ``"unit"``: ``1/num_steps``),
+    ``None`` if it is the default ``1/N``."""
+    step = stack.stage_kwargs()["step"]
+    if step is None or isinstance(step, str):
+        return step
+    return None if math.isclose(step, 1.0 / stack.depth, rel_tol=1e-12) else step
+
+
+def _stack_kwargs(stack: ResidualStack) -> dict[str, Any]:
+    """The keywords that rebuild ``stack`` at another depth or untied (``tied`` aside)."""
+    kw = stack.stage_kwargs()
+    del kw["tied"]
+    return dict(kw, step=_explicit_step(stack), preserve_rng=stack.preserve_rng)
 
 
 def _rebuild(stage: Stage, fn: Callable[[ResidualStack], ResidualStack]) -> Stage:
@@ -68,21 +79,16 @@ def _update_config(model: nn.Module, depths=None, tied=None) -> None:
 def untie(model: nn.Module) -> nn.Module:
     """Tied -> untied copy: every step gets its own deep copy of the shared block.
 
-    The function computed is unchanged (same step, scheme and backward mode; BatchNorm running
-    statistics are copied too), so outputs agree to float rounding. Untied stages are copied
-    as they are. The input model is not modified.
+    The function computed is unchanged (same step, scheme, backward mode, refine and tol;
+    BatchNorm running statistics are copied too), so outputs agree to float rounding. Untied
+    stages are copied as they are. The input model is not modified.
     """
 
     def untie_stack(s: ResidualStack) -> ResidualStack:
         if not s.tied:
             return copy.deepcopy(s)
-        return ResidualStack(
-            [copy.deepcopy(s.block(n)) for n in range(s.depth)],
-            scheme=s.scheme.name,
-            backward=s.backward,
-            step=_explicit_step(s),
-            preserve_rng=s.preserve_rng,
-        )
+        blocks = [copy.deepcopy(s.block(n)) for n in range(s.depth)]
+        return ResidualStack(blocks, **_stack_kwargs(s))
 
     new, _ = _replace_stages(model, lambda i, st: _rebuild(st, untie_stack))
     _update_config(new, tied=False)
@@ -94,7 +100,9 @@ def resample_depth(model: nn.Module, depth: int | Sequence[int]) -> nn.Module:
 
     Untied stage with ``N0`` functions -> ``N``: function ``i`` is a copy of function
     ``floor(i * N0 / N)`` (paper, Fig 4). Tied stage: the same shared block with ``N`` steps.
-    The step becomes ``1/N`` (unless the stage had an explicit step, which is kept).
+    The step becomes ``1/N`` (unless the stage had an explicit step, which is kept; ``"unit"``
+    stays ``"unit"``, i.e. ``1/num_steps`` of the new depth). Backward mode, refine and tol
+    are kept.
 
     Args:
         depth: one depth for every stage, or one per stage (in forward order). For the ResNet
@@ -110,12 +118,7 @@ def resample_depth(model: nn.Module, depth: int | Sequence[int]) -> nn.Module:
             raise ValueError(f"depth must be a positive integer, got {n_new!r}")
 
         def fn(s: ResidualStack) -> ResidualStack:
-            kw: dict[str, Any] = dict(
-                scheme=s.scheme.name,
-                backward=s.backward,
-                step=_explicit_step(s),
-                preserve_rng=s.preserve_rng,
-            )
+            kw = _stack_kwargs(s)
             if s.tied:
                 return ResidualStack(copy.deepcopy(s.blocks[0]), n_new, tied=True, **kw)
             n0 = s.depth
@@ -129,7 +132,9 @@ def resample_depth(model: nn.Module, depth: int | Sequence[int]) -> nn.Module:
     return new
 
 
-def _model_state(obj: Any) -> tuple[dict[str, torch.Tensor], ModelConfig | None]:
+def read_model_state(obj: Any) -> tuple[dict[str, torch.Tensor], ModelConfig | None]:
+    """``(state dict, model config or None)`` of a checkpoint path, a checkpoint dict (with
+    ``"model"`` and ``"model_config"``, as :mod:`resode.train` writes them) or a state dict."""
     if isinstance(obj, (str, os.PathLike)):
         obj = torch.load(obj, map_location="cpu", weights_only=False)
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
@@ -158,7 +163,7 @@ def load_checkpoint_into(model: nn.Module, checkpoint: Any, resample: bool = Fal
     Raises:
         ValueError: the checkpoint does not fit ``model`` (names the mismatching keys).
     """
-    state, cfg = _model_state(checkpoint)
+    state, cfg = read_model_state(checkpoint)
     target = unwrap(model)
     try:
         target.load_state_dict(state)

@@ -144,7 +144,8 @@ class ODEResNet(StageModel):
         small_input: CIFAR-size stem (conv3x3 stride 1, no max-pool) instead of ImageNet's.
         width: channels of the first stage (64 in torchvision); stages use
             ``width * (1, 2, 4, 8)`` (times 4 after a bottleneck). Shrink it for CPU runs.
-        scheme, backward: of every residual stack.
+        scheme, backward: of every residual stack (``backward``: ``"autograd"``, ``"adjoint"``
+            or ``"auto"``, see :class:`resode.Stage`).
         tied: one shared residual function per stage.
         engine: ``"generic"`` or ``"auto"`` (the same here); ``"fused"`` raises ``ValueError``
             (no fused equivalent of these blocks).

@@ -49,7 +49,10 @@ class TinyResNet(StageModel):
         num_classes: output classes.
         in_channels: 3 (CIFAR) or 1 (Fashion-MNIST).
         scheme: ``"euler"`` or ``"heun"`` (Heun needs ``depth >= 2``).
-        backward: ``"autograd"`` (exact) or ``"adjoint"`` (memory-free, approximate gradients).
+        backward: ``"autograd"`` (exact), ``"adjoint"`` (memory-free, approximate gradients) or
+            ``"auto"`` (the adjoint, exact gradients when its drift is too large); see
+            :class:`resode.Stage`. ``refine``/``tol``: ``resode.backward_mode(model, mode,
+            refine=K)`` or the stage's attributes.
         tied: one residual function shared by all ``depth`` steps.
         engine: ``"auto"`` (fused stage when the extension is available, else generic),
             ``"generic"`` or ``"fused"``.
