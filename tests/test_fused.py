@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 import resode
-from resode import _ext, fused
+from resode import _ext, _ops, fused
+from resode.models.blocks import ACTIVATIONS
+from resode.stack import BACKWARD_MODES
 
 SCHEMES = ("euler", "heun")
 MODES = ("autograd", "adjoint")
@@ -85,16 +87,18 @@ def _buffer_pairs(f: fused.ConvStack, g: resode.ResidualStack):
     return out
 
 
-def _run_parity(f, x_shape, pairs_fn, buffers=False, steps=2):
-    """Run fused and generic stages side by side (``steps`` forward/backward passes) and compare
-    outputs, input gradients, every parameter gradient and the BN buffers."""
+def _run_parity(f, x_shape, pairs_fn, buffers=False, steps=2, call=None):
+    """Run fused and generic stages side by side (``steps`` forward/backward passes of
+    ``call(stage, x)``, default ``stage(x)``) and compare outputs, input gradients, every
+    parameter gradient and the BN buffers."""
     g = f.to_generic()
+    call = call or (lambda stage, x: stage(x))
     for it in range(steps):
         x = torch.randn(*x_shape, dtype=torch.float64)
         w = torch.randn(*x_shape, dtype=torch.float64)
         xf = x.clone().requires_grad_(True)
         xg = x.clone().requires_grad_(True)
-        yf, yg = f(xf), g(xg)
+        yf, yg = call(f, xf), call(g, xg)
         _assert_close(yf, yg, f"output (pass {it})")
         (yf * w).sum().backward()
         (yg * w).sum().backward()
@@ -283,15 +287,15 @@ def test_non_contiguous_input_is_handled():
 
 
 def test_mismatched_parameter_shapes():
-    ops = _ext.ops()
+    ops = _ops.library()
     x = torch.randn(3, 4, dtype=torch.float64)
     w1 = torch.randn(2, 5, 4, dtype=torch.float64)
     w2 = torch.randn(2, 4, 6, dtype=torch.float64)  # hidden 6 != 5
     with pytest.raises((ValueError, RuntimeError), match="w2"):
-        ops.mlp_forward(x, w1, None, w2, None, 0, 0, 0.5, 2, False)
+        ops.mlp_forward(x, w1, None, w2, None, 0, 0, 0.5, 2, 0, False)
     w2 = torch.randn(3, 4, 5, dtype=torch.float64)  # 3 blocks for depth 2
     with pytest.raises((ValueError, RuntimeError), match="leading size"):
-        ops.mlp_forward(x, w1, None, w2, None, 0, 0, 0.5, 2, False)
+        ops.mlp_forward(x, w1, None, w2, None, 0, 0, 0.5, 2, 0, False)
     f = fused.MLPStack(4, 6, 3).double()
     f.w2 = nn.Parameter(torch.randn(3, 4, 7, dtype=torch.float64))
     with pytest.raises((ValueError, RuntimeError), match="w2"):
@@ -357,6 +361,67 @@ def test_stage_api_and_backward_switch():
     assert fused.available_for("cpu") == bool(_ext.extension_available())
 
 
+# ------------------------------------------------------------------------ the Stage interface
+def _mlp_stage(scheme, tied=False, backward="adjoint"):
+    return fused.MLPStack(
+        4, 6, 5, activation="gelu", scheme=scheme, tied=tied, backward=backward
+    ).double()
+
+
+def _conv_stage(scheme, tied=False, backward="adjoint"):
+    c = fused.ConvStack(3, 4, scheme=scheme, tied=tied, backward=backward).double()
+    _randomise_bn(c)
+    return c
+
+
+@pytest.mark.parametrize("tied", TIED)
+def test_block_is_a_copy_of_the_generic_block(tied):
+    for f in (_mlp_stage("heun", tied), _conv_stage("euler", tied)):
+        g = f.to_generic()
+        for n in (0, f.depth - 1):
+            b, ref = f.block(n), g.block(n)
+            assert type(b) is type(ref) and len(b) == len(ref)
+            assert b.state_dict().keys() == ref.state_dict().keys()
+            for k, v in ref.state_dict().items():
+                assert torch.equal(b.state_dict()[k], v), k
+        assert f.block(0) is not f.block(0)  # a copy, even when tied
+        with pytest.raises(IndexError):
+            f.block(f.depth)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_integrate_is_the_exact_forward(scheme):
+    """integrate() = the generic integrate (values, exact gradients, BN buffers), also for a
+    stage whose backward is the adjoint."""
+    integrate = lambda stage, x: stage.integrate(x)  # noqa: E731
+    _run_parity(_mlp_stage(scheme), (5, 4), _mlp_pairs, steps=1, call=integrate)
+    f = _conv_stage(scheme)
+    _run_parity(f, (4, 3, 5, 5), _conv_pairs, buffers=True, steps=1, call=integrate)
+    with pytest.raises(TypeError, match="extra arguments"):
+        f.integrate(torch.randn(4, 3, 5, 5, dtype=torch.float64), (torch.ones(1),))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("tied", TIED)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("make", [_mlp_stage, _conv_stage], ids=["mlp", "conv"])
+def test_reverse_matches_generic(scheme, tied, training, make):
+    """reverse() = the generic reverse to 1e-10 (float64); BN running statistics untouched."""
+    f = make(scheme, tied).train(training)
+    g = f.to_generic()
+    shape = (5, 4) if isinstance(f, fused.MLPStack) else (4, 3, 5, 5)
+    y = torch.randn(*shape, dtype=torch.float64)
+    buffers = {k: v.clone() for k, v in f.state_dict().items()}
+    xf, xg = f.reverse(y), g.reverse(y)
+    assert not xf.requires_grad
+    _assert_close(xf, xg, "reverse")
+    assert (xf - y).norm() > 1e-3 * y.norm()  # the reverse steps did something
+    for k, v in f.state_dict().items():
+        assert torch.equal(v, buffers[k]), k
+    with pytest.raises(TypeError, match="extra arguments"):
+        f.reverse(y, y)
+
+
 def test_activation_memory_adjoint_is_flat_and_autograd_grows():
     from resode.diagnostics import saved_tensor_bytes
 
@@ -369,14 +434,85 @@ def test_activation_memory_adjoint_is_flat_and_autograd_grows():
     assert mem(64, "autograd") > 10 * mem(4, "adjoint")
 
 
-def test_fake_kernels_give_shapes():
+def _fake_and_real(op, *args):
+    """The op's outputs on real tensors and under FakeTensorMode (same inputs)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode():
-        x = torch.empty(3, 4)
-        w1, w2 = torch.empty(5, 6, 4), torch.empty(5, 4, 6)
-        y, saved = torch.ops.resode.mlp_forward(x, w1, None, w2, None, 0, 0, 0.2, 5, True)
-        assert y.shape == (3, 4) and len(saved) == 10 and saved[5].shape == (3, 6)
+    real = op(*args)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake_args = [
+            [mode.from_tensor(t) for t in a]
+            if isinstance(a, list)
+            else (mode.from_tensor(a) if isinstance(a, torch.Tensor) else a)
+            for a in args
+        ]
+        fake = op(*fake_args)
+    return real, fake
+
+
+def _flat(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for o in out for t in _flat(o)]
+
+
+@pytest.mark.parametrize("activation", ["tanh", "gelu"])
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("mode", ["autograd", "adjoint", "adjoint_stored"])
+def test_fake_kernels_match_the_real_ops(activation, scheme, mode):
+    """Every fake kernel gives the shapes, dtypes and devices of the real op's outputs."""
+    lib, t = _ops.library(), _ops.table()
+    ids = (t.id("schemes", scheme), 0.25, 4, t.id("modes", mode))
+    f = fused.MLPStack(3, 5, 4, activation=activation, tied=True).double()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    p = (f.w1, f.b1, f.w2, None)
+    act = t.id("activations", activation)
+    c = fused.ConvStack(2, 4).double()
+    xc = torch.randn(2, 2, 3, 3, dtype=torch.float64)
+    params = [getattr(c, n) for n in fused._CONV_PARAMS]
+    running = [getattr(c, n).clone() for n in fused._CONV_BUFFERS]
+    conv_fwd = (xc, params, running, *ids[:3], True, True, 0.1, 1e-5, ids[3], True)
+    calls = [
+        (lib.mlp_forward, (x, *p, act, *ids, True)),
+        (lib.mlp_reverse, (x, *p, act, *ids[:3])),
+        (lib.conv_forward, conv_fwd),
+        (lib.conv_reverse, (xc, params, running, *ids[:3], True, 1e-5)),
+    ]
+    with torch.no_grad():
+        for op, args in calls:
+            real, fake = _fake_and_real(op, *args)
+            real, fake = _flat(real), _flat(fake)
+            assert len(real) == len(fake), op
+            for r, k in zip(real, fake):
+                assert (r.shape, r.dtype, r.device) == (k.shape, k.dtype, k.device), op
+        y, saved = lib.mlp_forward(x, *p, act, *ids, True)
+        g = torch.randn_like(y)
+        real, fake = _fake_and_real(lib.mlp_backward, g, y, saved, *p, act, *ids)
+        assert [r.shape for r in real] == [k.shape for k in fake]
+        y, saved, _ = lib.conv_forward(*conv_fwd)
+        args = (torch.randn_like(y), y, saved, params, running, *ids[:3], True, 1e-5, ids[3])
+        real, fake = _fake_and_real(lib.conv_backward, *args)
+        assert [r.shape for r in real] == [k.shape for k in fake]
+
+
+def test_op_table_agrees_with_the_python_side():
+    """The extension's table (csrc/table.h) and the Python definitions name the same things."""
+    t = _ops.table()
+    for s in t.raw["schemes"]:
+        scheme = resode.get_scheme(s["name"])
+        assert s["min_depth"] == scheme.min_depth
+        for depth in (2, 5):
+            assert depth - s["steps_offset"] == scheme.num_steps(depth)
+            assert s["evals_per_step"] == len(scheme.blocks_of_step(0))
+    modes = {m["name"] for m in t.raw["modes"]}
+    assert set(BACKWARD_MODES) <= modes and modes <= set(BACKWARD_MODES) | {"adjoint_stored"}
+    assert [a["name"] for a in t.raw["activations"]] == list(ACTIVATIONS)
+    conv = t.raw["conv"]
+    assert [p["name"].replace(".", "_") for p in conv["params"]] == list(fused._CONV_PARAMS)
+    assert [p["name"].replace(".", "_") for p in conv["running"]] == list(fused._CONV_BUFFERS)
+    assert [p["name"] for p in t.raw["mlp"]["params"]] == ["w1", "b1", "w2", "b2"]
+    with pytest.raises(ValueError, match="no mode 'checkpoint'"):
+        t.id("modes", "checkpoint")
 
 
 def test_disabled_extension_reports_why():
@@ -399,9 +535,9 @@ def test_disabled_extension_reports_why():
 
 def test_direct_op_call_with_parameters_that_require_grad():
     """The ops run below autograd: calling them directly with trainable parameters works."""
-    ops = _ext.ops()
+    ops = _ops.library()
     f = fused.MLPStack(4, 5, 3).double()
     x = torch.randn(2, 4, dtype=torch.float64)
-    out, _ = ops.mlp_forward(x, f.w1, f.b1, f.w2, f.b2, 0, 0, 1 / 3, 3, False)
+    out, _ = ops.mlp_forward(x, f.w1, f.b1, f.w2, f.b2, 0, 0, 1 / 3, 3, 0, False)
     with torch.no_grad():
         torch.testing.assert_close(out, f(x), rtol=1e-12, atol=1e-12)

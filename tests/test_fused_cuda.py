@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-from resode import _ext, fused
+from resode import _ext, _ops, fused
 
 pytestmark = pytest.mark.cuda
 
@@ -172,11 +172,29 @@ def test_cuda_bad_device_mix():
     f = fused.MLPStack(4, 4, 3).cuda()
     with pytest.raises(ValueError, match="cuda"):
         f(torch.randn(2, 4))
-    out, _ = torch.ops.resode.mlp_forward(
-        torch.randn(2, 4, device="cuda"), f.w1, f.b1, f.w2, f.b2, 0, 0, 0.3, 3, False
+    ops = _ops.library()
+    out, _ = ops.mlp_forward(
+        torch.randn(2, 4, device="cuda"), f.w1, f.b1, f.w2, f.b2, 0, 0, 0.3, 3, 0, False
     )
     assert out.is_cuda
     with pytest.raises((TypeError, RuntimeError), match="device|cuda|cpu"):
-        torch.ops.resode.mlp_forward(
-            torch.randn(2, 4, device="cuda"), f.w1.cpu(), None, f.w2, None, 0, 0, 0.3, 3, False
+        ops.mlp_forward(
+            torch.randn(2, 4, device="cuda"), f.w1.cpu(), None, f.w2, None, 0, 0, 0.3, 3, 0, False
         )
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_reverse_cuda(scheme):
+    """reverse() on the GPU = the generic reverse (float32, 1e-4 relative); BN stats untouched."""
+    for f, shape in (
+        (fused.MLPStack(16, 32, 8, activation="gelu", scheme=scheme).cuda(), (32, 16)),
+        (fused.ConvStack(8, 4, scheme=scheme).cuda(), (8, 8, 6, 6)),
+    ):
+        if isinstance(f, fused.ConvStack):
+            with torch.no_grad():
+                f.bn2_weight.uniform_(0.5, 1.5)
+        buffers = {k: v.clone() for k, v in f.state_dict().items()}
+        y = torch.randn(*shape, device="cuda")
+        xf, xg = f.reverse(y), f.to_generic().reverse(y)
+        assert _rel(xf, xg) < 1e-4
+        assert all(torch.equal(v, buffers[k]) for k, v in f.state_dict().items())
