@@ -138,7 +138,8 @@ struct ConvBlock {
 
   // params (op order, table.h): w1 (P,C,C,3,3), b1 (P,C), g1, be1 (P,C), w2, b2, g2, be2
   Tensor w1, b1, g1, be1, w2, b2, g2, be2;
-  Tensor rm1, rv1, rm2, rv2;  // running statistics (P, C), updated in place
+  Tensor rm1, rv1, rm2, rv2;  // running statistics (P, C); updated in place (the forward op
+                              // passes copies)
   bool training = true;
   double momentum = 0.1, eps = 1e-5;
   int64_t P = 1;

@@ -1,5 +1,6 @@
 // The ops of resode._C (TORCH_LIBRARY(resode, m)): one forward, one backward and one reverse op
-// per block, the table of the op interface, and has_cuda. The same depth loops (loops.h) serve
+// per block, the table of the op interface, and has_cuda. Every schema is functional (no input
+// is mutated or aliased by an output), so torch.compile can functionalize and trace them. The same depth loops (loops.h) serve
 // the CPU and the CUDA dispatch keys; the elementwise kernels they call dispatch on their own
 // (kernels.h). Python side: resode/_ops.py (wrappers, fake kernels, autograd formulas);
 // docs/design.md, "The extension".
@@ -91,18 +92,27 @@ Tensor mlp_reverse(const Tensor& y_, const Tensor& w1, const OptTensor& b1, cons
 
 // ---------------------------------------------------------------------------------------------
 // Conv stage
-std::tuple<Tensor, std::vector<Tensor>, Tensor> conv_forward(
+// The schema is functional (torch.compile can trace it): the running statistics are not
+// updated in place; in training mode (update_stats) their updated values come back as new
+// tensors, which the caller stores (resode/_ops.py), with the number of updates per block
+// (for num_batches_tracked).
+std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, Tensor> conv_forward(
     const Tensor& x_, at::TensorList params, at::TensorList running, int64_t scheme, double h,
     int64_t depth, bool training, bool update_stats, double momentum, double eps, int64_t mode,
     bool save) {
   OpScope scope("conv_forward", x_, scheme, h, depth);
   const Tensor x = x_.contiguous();
-  ConvBlock blk(x, params, running, training, momentum, eps, depth);
+  const bool update = update_stats && training;
+  std::vector<Tensor> new_running;
+  if (update) {
+    for (const Tensor& r : running) new_running.push_back(r.clone(at::MemoryFormat::Contiguous));
+  }
+  ConvBlock blk(x, params, update ? at::TensorList(new_running) : running, training, momentum,
+                eps, depth);
   save = stores_contexts("conv_forward", mode) && save;
-  auto [y, store] = forward_loop(blk, x, scheme, h, depth, save, update_stats && training);
-  // running-stat updates per block (the caller adds them to num_batches_tracked)
+  auto [y, store] = forward_loop(blk, x, scheme, h, depth, save, update);
   Tensor counts = at::tensor(blk.counts, at::TensorOptions().dtype(at::kLong)).to(x.device());
-  return {y, store, counts};
+  return {y, store, new_running, counts};
 }
 
 std::vector<Tensor> conv_backward(const Tensor& grad_, const Tensor& out, at::TensorList saved,
@@ -206,9 +216,9 @@ TORCH_LIBRARY(resode, m) {
       "mlp_reverse(Tensor y, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, int act, int scheme, "
       "float h, int depth) -> Tensor");
   m.def(
-      "conv_forward(Tensor x, Tensor[] params, Tensor(a!)[] running, int scheme, float h, "
+      "conv_forward(Tensor x, Tensor[] params, Tensor[] running, int scheme, float h, "
       "int depth, bool training, bool update_stats, float momentum, float eps, int mode, "
-      "bool save) -> (Tensor, Tensor[], Tensor)");
+      "bool save) -> (Tensor, Tensor[], Tensor[], Tensor)");
   m.def(
       "conv_backward(Tensor grad, Tensor out, Tensor[] saved, Tensor[] params, Tensor[] running, "
       "int scheme, float h, int depth, bool training, float eps, int mode) -> Tensor[]");

@@ -120,11 +120,15 @@ def _load() -> ExtensionStatus:
     return ExtensionStatus(True, cuda, source, reason)
 
 
+# torch.compile: dynamo calls these at trace time and takes the status as a constant (instead
+# of tracing into the loading code).
+@torch.compiler.assume_constant_result
 def load() -> ExtensionStatus:
     """Load the extension once (see the module docstring); returns its status."""
     return _load()
 
 
+@torch.compiler.assume_constant_result
 def extension_available() -> ExtensionStatus:
     """Is ``resode._C`` loaded, for CPU and for CUDA? Falsy when the generic engine must run.
 

@@ -31,8 +31,10 @@ __all__ = [
     "conv_reverse",
     "conv_stage",
     "library",
+    "ready",
     "mlp_reverse",
     "mlp_stage",
+    "op_id",
     "supports_mode",
     "table",
 ]
@@ -54,6 +56,25 @@ def library():
             "stage.to_generic() (resode.ResidualStack, same numbers)."
         )
     _register()
+    return torch.ops.resode
+
+
+# torch.compile: dynamo calls these at trace time and takes their results as constants (it
+# would otherwise trace into the loading and registration code).
+@torch.compiler.assume_constant_result
+def ready() -> bool:
+    """Is the library loaded with its fake kernels and autograd formulas registered?"""
+    try:
+        library()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _lib():
+    """``torch.ops.resode`` (traceable by torch.compile); the clear error when unavailable."""
+    if not ready():
+        library()  # raises
     return torch.ops.resode
 
 
@@ -105,9 +126,19 @@ class OpTable:
 
 
 @functools.cache
+def _table() -> OpTable:
+    return OpTable(json.loads(library().table()))
+
+
 def table() -> OpTable:
     """The op table of the loaded library (loads it on first use)."""
-    return OpTable(json.loads(library().table()))
+    return _table()
+
+
+@torch.compiler.assume_constant_result  # (a constant for torch.compile, see ready())
+def op_id(kind: str, name: str) -> int:
+    """The id of ``name`` in the table's ``kind`` (``"schemes"``, ``"modes"``, ...)."""
+    return _table().id(kind, name)
 
 
 def supports_mode(backward: str) -> bool:
@@ -122,8 +153,7 @@ def _needs_grad(*tensors) -> bool:
 
 
 def _ids(scheme: str, backward: str) -> tuple[int, int]:
-    t = table()
-    return t.id("schemes", scheme), t.id("modes", backward)
+    return op_id("schemes", scheme), op_id("modes", backward)
 
 
 def _none_grads(n: int) -> tuple:
@@ -137,9 +167,9 @@ def mlp_stage(x, w1, b1, w2, b2, *, activation, scheme, step, depth, backward) -
     Parameters are stacked over blocks (``w1 (P, H, D)``, ``b1 (P, H)`` or ``None``, ...).
     """
     scheme_id, mode = _ids(scheme, backward)
-    act = table().id("activations", activation)
+    act = op_id("activations", activation)
     save = _needs_grad(x, w1, b1, w2, b2)
-    y, _ = library().mlp_forward(x, w1, b1, w2, b2, act, scheme_id, step, depth, mode, save)
+    y, _ = _lib().mlp_forward(x, w1, b1, w2, b2, act, scheme_id, step, depth, mode, save)
     return y
 
 
@@ -191,9 +221,9 @@ def _mlp_backward(ctx, gy, _saved_grads):
 
 def mlp_reverse(y, w1, b1, w2, b2, *, activation, scheme, step, depth) -> Tensor:
     """The scheme's reverse steps from the MLP stage output ``y`` (no autograd)."""
-    act = table().id("activations", activation)
-    scheme_id = table().id("schemes", scheme)
-    return library().mlp_reverse(y, w1, b1, w2, b2, act, scheme_id, step, depth)
+    act = op_id("activations", activation)
+    scheme_id = op_id("schemes", scheme)
+    return _lib().mlp_reverse(y, w1, b1, w2, b2, act, scheme_id, step, depth)
 
 
 def _mlp_reverse_fake(y, w1, b1, w2, b2, act, scheme, h, depth):
@@ -201,66 +231,66 @@ def _mlp_reverse_fake(y, w1, b1, w2, b2, act, scheme, h, depth):
 
 
 # ---------------------------------------------------------------- conv_forward / conv_backward
-class _ConvStage(torch.autograd.Function):
-    """Autograd of ``resode::conv_forward``. An autograd.Function rather than
-    ``torch.library.register_autograd``, which refuses ops that mutate an input (the running
-    statistics, ``Tensor(a!)[] running``)."""
-
-    @staticmethod
-    def forward(ctx, x, running, cfg, *params):
-        scheme, h, depth, mode, training, momentum, eps = cfg
-        y, saved, counts = library().conv_forward(
-            x, list(params), running, scheme, h, depth, training, training, momentum, eps,
-            mode, True,
-        )  # fmt: skip
-        ctx.cfg = cfg
-        ctx.n_saved = len(saved)
-        ctx.running = running  # buffers (read in eval mode only); not activations
-        keep_output = table().by_id("modes", mode)["needs_output"]
-        ctx.save_for_backward(y if keep_output else None, *saved, *params)
-        ctx.mark_non_differentiable(counts)
-        return y, counts
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, gy, _gcounts):
-        scheme, h, depth, mode, training, momentum, eps = ctx.cfg
-        y, *rest = ctx.saved_tensors
-        saved, params = rest[: ctx.n_saved], rest[ctx.n_saved :]
-        out = y if y is not None else gy
-        grads = library().conv_backward(
-            gy, out, saved, params, ctx.running, scheme, h, depth, training, eps, mode
-        )
-        gx = grads[0] if ctx.needs_input_grad[0] else None
-        gp = [g if ctx.needs_input_grad[3 + i] else None for i, g in enumerate(grads[1:])]
-        return (gx, None, None, *gp)
-
-
 def conv_stage(x, params, running, *, scheme, step, depth, backward, training, momentum, eps):
     """The conv stage ``x (B, C, H, W) -> y``, differentiable with ``backward``'s gradients.
 
-    Training mode updates the running statistics ``running`` in place, once per block
-    evaluation. Returns ``y`` and the number of running-statistic updates per parameter slot
-    (to add to ``num_batches_tracked``).
+    Returns ``y``, the updated running statistics (new tensors, in the order of ``running``;
+    an empty list unless ``training``: the op does not modify ``running``, the caller stores
+    them) and the number of running-statistic updates per parameter slot (to add to
+    ``num_batches_tracked``).
     """
     scheme_id, mode = _ids(scheme, backward)
-    if _needs_grad(x, *params):
-        cfg = (scheme_id, step, depth, mode, training, momentum, eps)
-        return _ConvStage.apply(x, running, cfg, *params)
-    y, _, counts = library().conv_forward(
-        x, params, running, scheme_id, step, depth, training, training, momentum, eps, mode, False
+    save = _needs_grad(x, *params)
+    y, _, new_running, counts = _lib().conv_forward(
+        x, params, running, scheme_id, step, depth, training, training, momentum, eps, mode, save
     )
-    return y, counts
+    return y, new_running, counts
 
 
 def _conv_forward_fake(x, params, running, scheme, h, depth, train, update, mom, eps, mode, save):
     t = table()
     counts = x.new_empty(params[0].shape[0], dtype=torch.long)
+    new_running = [torch.empty_like(r) for r in running] if train and update else []
     if not (save and t.by_id("modes", mode)["stores_contexts"]):
-        return torch.empty_like(x), [], counts
+        return torch.empty_like(x), [], new_running, counts
     dims = {"input": x.shape, "channels": (x.shape[1],)}
     saved = t.fake_store("conv", x, t.num_evals(scheme, depth), dims, {})
-    return torch.empty_like(x), saved, counts
+    return torch.empty_like(x), saved, new_running, counts
+
+
+def _conv_setup_context(ctx, inputs, output):
+    x, params, running, scheme, h, depth, training, update, momentum, eps, mode, save = inputs
+    y, saved, new_running, counts = output
+    ctx.mark_non_differentiable(*saved, *new_running, counts)
+    ctx.set_materialize_grads(False)
+    ctx.cfg = (scheme, h, depth, training, eps, mode)
+    ctx.n_saved = len(saved)
+    # The running statistics are read by the backward in eval mode only, where nothing changes
+    # them; they are buffers, not activations, and in training mode the caller overwrites them
+    # with the new values: kept on ctx, not with save_for_backward.
+    ctx.running = running
+    keep_output = table().by_id("modes", mode)["needs_output"]
+    ctx.save_for_backward(y if keep_output else None, *saved, *params)
+
+
+@once_differentiable
+def _conv_grads(ctx, gy):
+    scheme, h, depth, training, eps, mode = ctx.cfg
+    y, *rest = ctx.saved_tensors
+    saved, params = rest[: ctx.n_saved], rest[ctx.n_saved :]
+    out = y if y is not None else gy  # (unused by the exact backward)
+    grads = library().conv_backward(
+        gy, out, saved, params, ctx.running, scheme, h, depth, training, eps, mode
+    )
+    return tuple(grads)
+
+
+def _conv_backward(ctx, gy, _saved_grads, _running_grads, _counts_grad):
+    needs_x, needs_params, needs_running = ctx.needs_input_grad[:3]
+    grads = _conv_grads(ctx, gy) if gy is not None else _none_grads(1 + len(needs_params))
+    gx = grads[0] if needs_x else None
+    gp = [g if need else None for g, need in zip(grads[1:], needs_params)]
+    return (gx, gp, [None] * len(needs_running), *_none_grads(9))
 
 
 def _conv_backward_fake(grad, out, saved, params, running, scheme, h, depth, training, eps, mode):
@@ -269,8 +299,8 @@ def _conv_backward_fake(grad, out, saved, params, running, scheme, h, depth, tra
 
 def conv_reverse(y, params, running, *, scheme, step, depth, training, eps) -> Tensor:
     """The scheme's reverse steps from the conv stage output ``y`` (running stats untouched)."""
-    scheme_id = table().id("schemes", scheme)
-    return library().conv_reverse(y, params, running, scheme_id, step, depth, training, eps)
+    scheme_id = op_id("schemes", scheme)
+    return _lib().conv_reverse(y, params, running, scheme_id, step, depth, training, eps)
 
 
 def _conv_reverse_fake(y, params, running, scheme, h, depth, training, eps):
@@ -297,4 +327,7 @@ def _register() -> None:
             pass
     torch.library.register_autograd(
         "resode::mlp_forward", _mlp_backward, setup_context=_mlp_setup_context
+    )
+    torch.library.register_autograd(
+        "resode::conv_forward", _conv_backward, setup_context=_conv_setup_context
     )

@@ -44,6 +44,9 @@ statistics untouched), ``block(n)`` (a copy of ``f_n`` as an ``nn.Module``: the
 engine), ``to_generic()`` and ``from_generic()``. The blocks of a fused stage take no extra
 arguments and draw no random numbers, so ``args`` must be empty and ``seed`` is ignored. The ops
 themselves are in :mod:`resode._ops`; docs/design.md, "Engines" and "The extension".
+
+``torch.compile`` works on both stages (forward and backward, both backward modes): the ops have
+functional schemas and fake kernels.
 """
 
 from __future__ import annotations
@@ -442,7 +445,7 @@ class ConvStack(_FusedStage):
 
     def _run(self, x: Tensor, backward: str) -> Tensor:
         x, params, running = self._check_conv_input(x)
-        y, counts = _ops.conv_stage(
+        y, new_running, counts = _ops.conv_stage(
             x,
             params,
             running,
@@ -452,10 +455,12 @@ class ConvStack(_FusedStage):
             eps=self.eps,
             **self._stage_kwargs(),
         )
-        if self.training:
-            counts = counts.to(self.bn1_num_batches_tracked.device)
-            self.bn1_num_batches_tracked.add_(counts)
-            self.bn2_num_batches_tracked.add_(counts)
+        if self.training:  # the op returns the updated statistics, stored here
+            with torch.no_grad():
+                for buffer, new in zip(running, new_running):
+                    buffer.copy_(new)
+                self.bn1_num_batches_tracked.add_(counts)
+                self.bn2_num_batches_tracked.add_(counts)
         return y
 
     def _reverse(self, y: Tensor) -> Tensor:
