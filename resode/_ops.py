@@ -41,6 +41,14 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------- the library
+#: what to do when the extension is unavailable (every error message about it ends with this)
+HOW_TO_FIX = (
+    "Build it with `pip install --no-build-isolation -e .` (with a CUDA toolkit for the GPU "
+    "kernels) and unset RESODE_DISABLE_EXTENSION if it is set, or run the generic engine: "
+    "stage.to_generic() (a resode.ResidualStack, same numbers)."
+)
+
+
 @functools.cache
 def library():
     """``torch.ops.resode`` with its fake kernels and autograd formulas registered (once).
@@ -51,9 +59,7 @@ def library():
     if not status.cpu:
         raise RuntimeError(
             f"resode fused stages need the compiled extension resode._C, which is unavailable "
-            f"here ({status.reason}). Build it with `pip install --no-build-isolation -e .` "
-            "(and unset RESODE_DISABLE_EXTENSION), or run the generic engine: "
-            "stage.to_generic() (resode.ResidualStack, same numbers)."
+            f"here ({status.reason}). {HOW_TO_FIX}"
         )
     _register()
     return torch.ops.resode

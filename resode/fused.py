@@ -46,7 +46,9 @@ arguments and draw no random numbers, so ``args`` must be empty and ``seed`` is 
 themselves are in :mod:`resode._ops`; docs/design.md, "Engines" and "The extension".
 
 ``torch.compile`` works on both stages (forward and backward, both backward modes): the ops have
-functional schemas and fake kernels.
+functional schemas and fake kernels. Without the extension (not built, or
+``RESODE_DISABLE_EXTENSION=1``) a fused stage can be built, converted (:meth:`to_generic`) and
+loaded, but running it raises an error that says why and how to build the extension.
 """
 
 from __future__ import annotations
@@ -129,10 +131,9 @@ class _FusedStage(Stage):
                 f"{[str(d) for d in allowed]}, got {x.dtype}"
             )
         if not available_for(x.device):
-            status = _ext.load()
             raise RuntimeError(
-                f"{type(self).__name__}: the fused extension cannot run on {x.device} "
-                f"({status.reason}); use .to_generic() for the pure-PyTorch engine"
+                f"{type(self).__name__}: the fused extension resode._C cannot run on "
+                f"{x.device} ({_ext.load().reason}). {_ops.HOW_TO_FIX}"
             )
         return x.contiguous()
 

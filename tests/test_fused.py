@@ -555,6 +555,38 @@ def test_torch_compile_matches_eager(backward):
         assert eager.training and (shape[1] == 3 or eager.bn1_num_batches_tracked.sum() > 0)
 
 
+# ----------------------------------------------------------------------- errors, no extension
+def test_fused_stage_without_the_extension_says_what_to_do():
+    """RESODE_DISABLE_EXTENSION=1: fused stages build, convert and load state dicts, and running
+    one raises one clear error naming the cause and the ways out (no warning)."""
+    code = (
+        "import warnings, torch\n"
+        "warnings.simplefilter('error')\n"
+        "from resode import fused\n"
+        "f = fused.MLPStack(4, 5, 3)\n"
+        "g = f.to_generic()\n"
+        "x = torch.randn(2, 4)\n"
+        "assert g(x).shape == x.shape and g.depth == 3\n"
+        "c = fused.ConvStack(2, 2)\n"
+        "c.load_state_dict(fused.ConvStack.from_generic(c.to_generic()).state_dict())\n"
+        "for call in (lambda: f(x), lambda: f.reverse(x), lambda: c(torch.randn(1, 2, 3, 3))):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except RuntimeError as e:\n"
+        "        m = str(e)\n"
+        "        assert 'RESODE_DISABLE_EXTENSION' in m and 'to_generic()' in m, m\n"
+        "        assert 'pip install' in m, m\n"
+        "    else:\n"
+        "        raise SystemExit('no error')\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, RESODE_DISABLE_EXTENSION="1")
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
 def test_disabled_extension_reports_why():
     code = (
         "import warnings, resode._ext as e\n"
