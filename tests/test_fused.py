@@ -556,6 +556,61 @@ def test_torch_compile_matches_eager(backward):
 
 
 # ----------------------------------------------------------------------- errors, no extension
+# Each op of resode._C called with a bad argument, in a fresh process: every call must raise a
+# Python exception whose message names the problem (not crash: issue 11, TORCH_CHECK failures
+# once segfaulted under torch 2.11). Prints "ok <op>" per op.
+_BAD_CALLS = r"""
+import torch
+from resode import _ops
+lib = _ops.library()
+d = dict(dtype=torch.float64)
+x, w1, w2 = torch.randn(2, 3, **d), torch.randn(1, 4, 3, **d), torch.randn(1, 3, 4, **d)
+xc = torch.randn(2, 2, 3, 3, **d)
+params = [torch.randn(1, 2, 2, 3, 3, **d), *[torch.randn(1, 2, **d) for _ in range(3)]] * 2
+running = [torch.zeros(1, 2, **d), torch.ones(1, 2, **d)] * 2
+v, c2, s = torch.randn(6, **d), torch.randn(2, **d), (0, 0.5, 1)  # scheme, h, depth
+bn = (True, True, 0.1, 1e-5)  # training, update_stats, momentum, eps
+cases = [  # (op, words the message must contain, arguments)
+    ("mlp_forward", "dtype", (x, w1, None, w2.float(), None, 0, *s, 0, False)),
+    ("mlp_backward", "stored tensors", (x, x, [], w1, None, w2, None, 0, *s, 0)),
+    ("mlp_reverse", "activation", (x, w1, None, w2, None, 9, *s)),
+    ("conv_forward", "parameter tensors", (xc, params[:7], running, *s, *bn, 0, False)),
+    ("conv_backward", "mode", (xc, xc, [], params, running, *s, True, 1e-5, 7)),
+    ("conv_reverse", "4-D", (x, params, running, *s, True, 1e-5)),
+    ("_act_forward", "elements", (v, v[:5], 0)),
+    ("_act_backward", "activation", (v, v, v, 5, 1.0)),
+    ("_axpby", "dtype", (v, v, 1.0, v.float(), 1.0)),
+    ("_heun_combine", "elements", (v, v, v, v[::2], 1.0)),
+    ("_add_row_bias", "bias", (x, x, v, 1.0)),
+    ("_batch_stats", "per-channel", (xc, None, None, 0.1, v, v)),
+    ("_bn_apply", "per-channel", (xc, c2, c2, c2, v, True, None, xc, None, 1.0)),
+    ("_bn_backward_reduce", "elements", (xc, x, xc, c2, c2)),
+    ("_bn_backward_apply", "dtype", (xc, None, xc, c2, c2, c2, c2, 1.0, True, xc.int())),
+]
+ops = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n[:8] == "resode::"}
+missing = ops - {c[0] for c in cases} - {"table", "has_cuda"}
+assert not missing, f"no bad-argument case for {sorted(missing)}"
+for name, words, args in cases:
+    try:
+        getattr(lib, name)(*args)
+    except Exception as e:
+        assert words in str(e), f"{name}: {type(e).__name__} does not mention {words!r}: {e}"
+        print("ok", name, flush=True)
+    else:
+        raise SystemExit(f"{name}: a bad call raised nothing")
+"""
+
+
+def test_every_op_raises_on_a_bad_argument():
+    """Each op called through torch.ops.resode with a bad argument raises a Python exception
+    naming the problem, in a child process (a crash would be a segfault there: issue 11)."""
+    r = subprocess.run(
+        [sys.executable, "-c", _BAD_CALLS], capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, f"rc={r.returncode}\n{r.stdout}\n{r.stderr[-3000:]}"
+    assert r.stdout.count("ok ") == 15, r.stdout
+
+
 def test_fused_stage_without_the_extension_says_what_to_do():
     """RESODE_DISABLE_EXTENSION=1: fused stages build, convert and load state dicts, and running
     one raises one clear error naming the cause and the ways out (no warning)."""
