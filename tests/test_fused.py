@@ -556,6 +556,21 @@ def test_torch_compile_matches_eager(backward):
 
 
 # ----------------------------------------------------------------------- errors, no extension
+def _run_child(code: str, **env: str) -> str:
+    """Run ``code`` in a fresh interpreter (with extra environment variables); it must exit 0
+    (a crash, e.g. a segfault, fails here) and print "ok". Returns its output."""
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        env=dict(os.environ, **env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, f"rc={r.returncode}\n{r.stdout}\n{r.stderr[-3000:]}"
+    assert "ok" in r.stdout, r.stdout
+    return r.stdout
+
+
 # Each op of resode._C called with a bad argument, in a fresh process: every call must raise a
 # Python exception whose message names the problem (not crash: issue 11, TORCH_CHECK failures
 # once segfaulted under torch 2.11). Prints "ok <op>" per op.
@@ -604,11 +619,8 @@ for name, words, args in cases:
 def test_every_op_raises_on_a_bad_argument():
     """Each op called through torch.ops.resode with a bad argument raises a Python exception
     naming the problem, in a child process (a crash would be a segfault there: issue 11)."""
-    r = subprocess.run(
-        [sys.executable, "-c", _BAD_CALLS], capture_output=True, text=True, timeout=300
-    )
-    assert r.returncode == 0, f"rc={r.returncode}\n{r.stdout}\n{r.stderr[-3000:]}"
-    assert r.stdout.count("ok ") == 15, r.stdout
+    out = _run_child(_BAD_CALLS)
+    assert out.count("ok ") == 15, out
 
 
 def test_fused_stage_without_the_extension_says_what_to_do():
@@ -635,11 +647,7 @@ def test_fused_stage_without_the_extension_says_what_to_do():
         "        raise SystemExit('no error')\n"
         "print('ok')\n"
     )
-    env = dict(os.environ, RESODE_DISABLE_EXTENSION="1")
-    r = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+    _run_child(code, RESODE_DISABLE_EXTENSION="1")
 
 
 def test_disabled_extension_reports_why():
@@ -653,11 +661,7 @@ def test_disabled_extension_reports_why():
         "assert not f.available_for('cpu')\n"
         "print('ok')\n"
     )
-    env = dict(os.environ, RESODE_DISABLE_EXTENSION="1")
-    r = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+    _run_child(code, RESODE_DISABLE_EXTENSION="1")
 
 
 def test_direct_op_call_with_parameters_that_require_grad():
