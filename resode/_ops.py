@@ -5,8 +5,11 @@ The schemas are defined once in C++ (``csrc/ops.cpp``). The enum ids of the sche
 modes and activations, the number of block evaluations per scheme and the layout of the stored
 contexts come from the table the library exports (``resode::table()``, written from
 ``csrc/table.h``): nothing of it is repeated here. Loading the library (:mod:`resode._ext`)
-and registering the fake kernels and autograd formulas happen on first use
-(:func:`library`), never at import. docs/design.md, "The extension".
+and registering the fake kernels happen on first use (:func:`library`), never at import. The
+autograd formulas are ``torch.autograd.Function`` s next to their ops (see the comment above
+``_MLPStage`` for why not ``torch.library.register_autograd``). All schemas are functional, so
+``torch.compile`` traces the stages (fake kernels for the shapes). docs/design.md, "The
+extension".
 
 Gradients: the exact mode (``"autograd"``) returns exact gradients; ``"adjoint"`` returns the
 reconstruction adjoint's approximate ones (relative error ``O(1/N)`` Euler, ``O(1/N^2)`` Heun
@@ -147,6 +150,12 @@ def op_id(kind: str, name: str) -> int:
     return _table().id(kind, name)
 
 
+@torch.compiler.assume_constant_result
+def mode_flag(mode_id: int, flag: str) -> bool:
+    """A flag of backward mode ``mode_id`` (``"stores_contexts"``, ``"needs_output"``)."""
+    return bool(_table().by_id("modes", mode_id)[flag])
+
+
 def supports_mode(backward: str) -> bool:
     """Does the extension (when it loads) implement backward mode ``backward``?"""
     if not _ext.load():
@@ -167,15 +176,45 @@ def _none_grads(n: int) -> tuple:
 
 
 # ------------------------------------------------------------------ mlp_forward / mlp_backward
+# The autograd formulas are autograd.Functions next to their ops, not
+# torch.library.register_autograd: that one makes every stored context an output of the autograd
+# node and flattens the list with pytree at every call (512 tensors for an Euler stage of depth
+# 256), which cost 5-10 % of a narrow-MLP train step on CPU. Functions return only the stage
+# output and keep the contexts with save_for_backward (diagnostics.saved_tensor_bytes sees them).
+class _MLPStage(torch.autograd.Function):
+    """``resode::mlp_forward`` differentiated by ``resode::mlp_backward`` (once)."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, cfg):  # cfg: act, scheme, h, depth, mode
+        y, saved = _lib().mlp_forward(x, w1, b1, w2, b2, *cfg, True)
+        ctx.cfg = cfg
+        ctx.n_saved = len(saved)
+        keep_output = mode_flag(cfg[-1], "needs_output")
+        # the parameters too: changing one in place before the backward then raises
+        ctx.save_for_backward(y if keep_output else None, *saved, w1, b1, w2, b2)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        y, *rest = ctx.saved_tensors
+        saved, (w1, b1, w2, b2) = rest[: ctx.n_saved], rest[ctx.n_saved :]
+        out = y if y is not None else gy  # (unused by the exact backward)
+        grads = _lib().mlp_backward(gy, out, saved, w1, b1, w2, b2, *ctx.cfg)
+        needed = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[:5])]
+        return (*needed, None)
+
+
 def mlp_stage(x, w1, b1, w2, b2, *, activation, scheme, step, depth, backward) -> Tensor:
     """The MLP stage ``x (B, D) -> y (B, D)``, differentiable with ``backward``'s gradients.
 
     Parameters are stacked over blocks (``w1 (P, H, D)``, ``b1 (P, H)`` or ``None``, ...).
     """
     scheme_id, mode = _ids(scheme, backward)
-    act = op_id("activations", activation)
-    save = _needs_grad(x, w1, b1, w2, b2)
-    y, _ = _lib().mlp_forward(x, w1, b1, w2, b2, act, scheme_id, step, depth, mode, save)
+    cfg = (op_id("activations", activation), scheme_id, float(step), depth, mode)
+    if _needs_grad(x, w1, b1, w2, b2):
+        return _MLPStage.apply(x, w1, b1, w2, b2, cfg)
+    y, _ = _lib().mlp_forward(x, w1, b1, w2, b2, *cfg, False)
     return y
 
 
@@ -195,36 +234,6 @@ def _mlp_backward_fake(grad, out, saved, w1, b1, w2, b2, act, scheme, h, depth, 
     return [torch.empty_like(grad), torch.empty_like(w1), gb1, torch.empty_like(w2), gb2]
 
 
-def _mlp_setup_context(ctx, inputs, output):
-    x, w1, b1, w2, b2, act, scheme, h, depth, mode, save = inputs
-    y, saved = output
-    ctx.mark_non_differentiable(*saved)
-    ctx.set_materialize_grads(False)  # no zero gradients for the stored contexts
-    ctx.cfg = (act, scheme, h, depth, mode)
-    ctx.n_saved = len(saved)
-    keep_output = table().by_id("modes", mode)["needs_output"]
-    # the parameters too: changing one in place before the backward then raises
-    ctx.save_for_backward(y if keep_output else None, *saved, w1, b1, w2, b2)
-
-
-@once_differentiable
-def _mlp_grads(ctx, gy):
-    act, scheme, h, depth, mode = ctx.cfg
-    y, *rest = ctx.saved_tensors
-    saved, (w1, b1, w2, b2) = rest[: ctx.n_saved], rest[ctx.n_saved :]
-    out = y if y is not None else gy  # (unused by the exact backward)
-    grads = library().mlp_backward(gy, out, saved, w1, b1, w2, b2, act, scheme, h, depth, mode)
-    return tuple(grads)
-
-
-def _mlp_backward(ctx, gy, _saved_grads):
-    if gy is None:
-        return _none_grads(11)
-    grads = _mlp_grads(ctx, gy)  # gx, gw1, gb1, gw2, gb2
-    needed = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[:5])]
-    return (*needed, *_none_grads(6))
-
-
 def mlp_reverse(y, w1, b1, w2, b2, *, activation, scheme, step, depth) -> Tensor:
     """The scheme's reverse steps from the MLP stage output ``y`` (no autograd)."""
     act = op_id("activations", activation)
@@ -237,6 +246,41 @@ def _mlp_reverse_fake(y, w1, b1, w2, b2, act, scheme, h, depth):
 
 
 # ---------------------------------------------------------------- conv_forward / conv_backward
+class _ConvStage(torch.autograd.Function):
+    """``resode::conv_forward`` differentiated by ``resode::conv_backward`` (once). Returns the
+    output, the running-statistic update counts and the updated running statistics."""
+
+    @staticmethod
+    def forward(ctx, x, cfg, n_params, *tensors):  # cfg: scheme, h, depth, train, mom, eps, mode
+        params, running = list(tensors[:n_params]), list(tensors[n_params:])
+        scheme, h, depth, training, momentum, eps, mode = cfg
+        y, saved, new_running, counts = _lib().conv_forward(
+            x, params, running, scheme, h, depth, training, training, momentum, eps, mode, True
+        )
+        ctx.mark_non_differentiable(counts, *new_running)
+        ctx.cfg = (scheme, h, depth, training, eps, mode)
+        ctx.n_saved = len(saved)
+        # The running statistics are read by the backward in eval mode only, where nothing
+        # changes them; they are buffers, not activations, and in training mode the caller
+        # overwrites them with the new values: kept on ctx, not with save_for_backward.
+        ctx.running = running
+        keep_output = mode_flag(mode, "needs_output")
+        ctx.save_for_backward(y if keep_output else None, *saved, *params)
+        return (y, counts, *new_running)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy, *_):
+        y, *rest = ctx.saved_tensors
+        saved, params = rest[: ctx.n_saved], rest[ctx.n_saved :]
+        out = y if y is not None else gy  # (unused by the exact backward)
+        grads = _lib().conv_backward(gy, out, saved, params, ctx.running, *ctx.cfg)
+        gx = grads[0] if ctx.needs_input_grad[0] else None
+        needs = ctx.needs_input_grad[3 : 3 + len(params)]
+        gp = [g if need else None for g, need in zip(grads[1:], needs)]
+        return (gx, None, None, *gp, *_none_grads(len(ctx.running)))
+
+
 def conv_stage(x, params, running, *, scheme, step, depth, backward, training, momentum, eps):
     """The conv stage ``x (B, C, H, W) -> y``, differentiable with ``backward``'s gradients.
 
@@ -246,9 +290,12 @@ def conv_stage(x, params, running, *, scheme, step, depth, backward, training, m
     ``num_batches_tracked``).
     """
     scheme_id, mode = _ids(scheme, backward)
-    save = _needs_grad(x, *params)
+    cfg = (scheme_id, float(step), depth, training, momentum, eps, mode)
+    if _needs_grad(x, *params):
+        y, counts, *new_running = _ConvStage.apply(x, cfg, len(params), *params, *running)
+        return y, new_running, counts
     y, _, new_running, counts = _lib().conv_forward(
-        x, params, running, scheme_id, step, depth, training, training, momentum, eps, mode, save
+        x, params, running, *cfg[:4], training, *cfg[4:], False
     )
     return y, new_running, counts
 
@@ -262,41 +309,6 @@ def _conv_forward_fake(x, params, running, scheme, h, depth, train, update, mom,
     dims = {"input": x.shape, "channels": (x.shape[1],)}
     saved = t.fake_store("conv", x, t.num_evals(scheme, depth), dims, {})
     return torch.empty_like(x), saved, new_running, counts
-
-
-def _conv_setup_context(ctx, inputs, output):
-    x, params, running, scheme, h, depth, training, update, momentum, eps, mode, save = inputs
-    y, saved, new_running, counts = output
-    ctx.mark_non_differentiable(*saved, *new_running, counts)
-    ctx.set_materialize_grads(False)
-    ctx.cfg = (scheme, h, depth, training, eps, mode)
-    ctx.n_saved = len(saved)
-    # The running statistics are read by the backward in eval mode only, where nothing changes
-    # them; they are buffers, not activations, and in training mode the caller overwrites them
-    # with the new values: kept on ctx, not with save_for_backward.
-    ctx.running = running
-    keep_output = table().by_id("modes", mode)["needs_output"]
-    ctx.save_for_backward(y if keep_output else None, *saved, *params)
-
-
-@once_differentiable
-def _conv_grads(ctx, gy):
-    scheme, h, depth, training, eps, mode = ctx.cfg
-    y, *rest = ctx.saved_tensors
-    saved, params = rest[: ctx.n_saved], rest[ctx.n_saved :]
-    out = y if y is not None else gy  # (unused by the exact backward)
-    grads = library().conv_backward(
-        gy, out, saved, params, ctx.running, scheme, h, depth, training, eps, mode
-    )
-    return tuple(grads)
-
-
-def _conv_backward(ctx, gy, _saved_grads, _running_grads, _counts_grad):
-    needs_x, needs_params, needs_running = ctx.needs_input_grad[:3]
-    grads = _conv_grads(ctx, gy) if gy is not None else _none_grads(1 + len(needs_params))
-    gx = grads[0] if needs_x else None
-    gp = [g if need else None for g, need in zip(grads[1:], needs_params)]
-    return (gx, gp, [None] * len(needs_running), *_none_grads(9))
 
 
 def _conv_backward_fake(grad, out, saved, params, running, scheme, h, depth, training, eps, mode):
@@ -325,15 +337,9 @@ _FAKES = {
 
 
 def _register() -> None:
-    """Fake kernels and autograd formulas of the ops (called once, by :func:`library`)."""
+    """Fake kernels of the ops (called once, by :func:`library`)."""
     for name, fake in _FAKES.items():
         try:
             torch.library.register_fake(f"resode::{name}")(fake)
         except RuntimeError:  # already registered (e.g. this module reloaded)
             pass
-    torch.library.register_autograd(
-        "resode::mlp_forward", _mlp_backward, setup_context=_mlp_setup_context
-    )
-    torch.library.register_autograd(
-        "resode::conv_forward", _conv_backward, setup_context=_conv_setup_context
-    )
