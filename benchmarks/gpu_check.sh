@@ -67,11 +67,11 @@ echo "build: $BUILD after $(elapsed)s" | tee -a "$OUT/build.log"
 STATUS=$(timeout 150 "$PY" -c "import resode._ext as e; print(e.extension_available())" 2>&1 | tail -1)
 echo "extension: $STATUS" | tee -a "$OUT/build.log"
 
-# 2. tests: CUDA parity / bf16, then the CPU fused tests (fast on this machine's cores)
+# 2. tests: CUDA parity / bf16 / reverse / torch.compile (inductor), then the CPU fused tests
 export RESODE_REQUIRE_EXTENSION=1
-timeout 120 "$PY" -m pytest tests/test_fused_cuda.py -q -x -p no:cacheprovider >"$OUT/test_cuda.log" 2>&1
+timeout 180 "$PY" -m pytest tests/test_fused_cuda.py -q -x -p no:cacheprovider >"$OUT/test_cuda.log" 2>&1
 CUDA_RC=$?
-timeout 75 "$PY" -m pytest tests/test_fused.py -q -p no:cacheprovider >"$OUT/test_cpu.log" 2>&1
+timeout 120 "$PY" -m pytest tests/test_fused.py -q -p no:cacheprovider >"$OUT/test_cpu.log" 2>&1
 CPU_RC=$?
 echo "tests done after $(elapsed)s"
 

@@ -1,13 +1,15 @@
-// CPU implementations of the fused elementwise kernels: at::parallel_for over contiguous
-// chunks, plain inner loops the compiler vectorises (-O3), float32 / float64.
+// CPU implementations of the fused elementwise kernels (kernels.h), registered for the CPU
+// dispatch key: at::parallel_for over contiguous chunks, plain inner loops the compiler
+// vectorises (-O3, `omp simd`), float32 / float64.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <vector>
 
-#include "resode.h"
+#include "kernels.h"
 
 namespace resode {
 namespace cpu {
@@ -16,27 +18,37 @@ namespace {
 constexpr int64_t kGrain = 16384;  // elements per task: small tensors run on one thread
 
 template <typename T>
-const T* opt_ptr(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
+const T* opt_ptr(const OptTensor& t) {
+  const Tensor* p = check::get(t);
+  return p ? p->data_ptr<T>() : nullptr;
 }
 
 template <typename T>
-T* opt_mut_ptr(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
+T* opt_mut_ptr(const OptTensor& t) {
+  const Tensor* p = check::get(t);
+  return p ? p->data_ptr<T>() : nullptr;
+}
+
+void check_cpu_dtype(const char* op, const Tensor& t) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
+                   "resode::_", op, " on CPU supports float32 and float64, got ", t.scalar_type());
 }
 
 }  // namespace
 
-void act_forward(const at::Tensor& z, const at::Tensor& a, int64_t act) {
+void act_forward(const Tensor& z, const Tensor& a, int64_t act) {
+  check::same_as("act_forward", z, a);
+  check_cpu_dtype("act_forward", z);
+  check::activation("act_forward", act);
   // tanh / gelu: ATen's kernels, vectorised with SLEEF for the CPU found at run time (this file
   // is compiled for the baseline ISA, where scalar std::tanh costs ~10x more). Same numbers as
   // nn.Tanh / nn.GELU of the generic engine. z and a may alias.
-  if (act == kTanh) {
+  if (act == acts::tanh) {
     at::Tensor out = a;
     at::tanh_out(out, z);
     return;
   }
-  if (act == kGelu) {
+  if (act == acts::gelu) {
     at::Tensor out = a;
     at::gelu_out(out, z);
     return;
@@ -50,9 +62,11 @@ void act_forward(const at::Tensor& z, const at::Tensor& a, int64_t act) {
   });
 }
 
-void act_backward(const at::Tensor& g, const at::Tensor& z, const at::Tensor& a, int64_t act,
-                  double scale) {
-  if (act == kGelu) {  // rare: ATen's vectorised erf / exp
+void act_backward(const Tensor& g, const Tensor& z, const Tensor& a, int64_t act, double scale) {
+  check::same_as("act_backward", g, z, a);
+  check_cpu_dtype("act_backward", g);
+  check::activation("act_backward", act);
+  if (act == acts::gelu) {  // rare: ATen's vectorised erf / exp
     at::Tensor out = g;
     at::gelu_backward_out(out, g, z);
     if (scale != 1.0) out.mul_(scale);
@@ -63,7 +77,7 @@ void act_backward(const at::Tensor& g, const at::Tensor& z, const at::Tensor& a,
     const scalar_t* ap = a.data_ptr<scalar_t>();
     const scalar_t s = static_cast<scalar_t>(scale);
     at::parallel_for(0, g.numel(), kGrain, [&](int64_t b, int64_t e) {
-      if (act == kTanh) {
+      if (act == acts::tanh) {
         for (int64_t i = b; i < e; ++i) gp[i] = s * (gp[i] * (scalar_t(1) - ap[i] * ap[i]));
       } else {
         for (int64_t i = b; i < e; ++i) gp[i] = ap[i] > scalar_t(0) ? s * gp[i] : scalar_t(0);
@@ -72,8 +86,9 @@ void act_backward(const at::Tensor& g, const at::Tensor& z, const at::Tensor& a,
   });
 }
 
-void axpby(const at::Tensor& out, const at::Tensor& x, double alpha, const at::Tensor& y,
-           double beta) {
+void axpby(const Tensor& out, const Tensor& x, double alpha, const Tensor& y, double beta) {
+  check::same_as("axpby", out, x, y);
+  check_cpu_dtype("axpby", out);
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "resode_axpby", [&] {
     scalar_t* op = out.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -91,8 +106,10 @@ _Pragma("omp simd")
   });
 }
 
-void heun_combine(const at::Tensor& out, const at::Tensor& x, const at::Tensor& f0,
-                  const at::Tensor& f1, double c) {
+void heun_combine(const Tensor& out, const Tensor& x, const Tensor& f0, const Tensor& f1,
+                  double c) {
+  check::same_as("heun_combine", out, x, f0, f1);
+  check_cpu_dtype("heun_combine", out);
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "resode_heun_combine", [&] {
     scalar_t* op = out.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -106,7 +123,16 @@ _Pragma("omp simd")
   });
 }
 
-void add_row_bias(const at::Tensor& out, const at::Tensor& x, const at::Tensor& bias, double c) {
+void add_row_bias(const Tensor& out, const Tensor& x, const OptTensor& bias, double c) {
+  check::same_as("add_row_bias", out, x);
+  check_cpu_dtype("add_row_bias", out);
+  TORCH_CHECK_VALUE(out.dim() >= 1, "resode::_add_row_bias: expected rows, got a scalar");
+  if (const Tensor* b = check::get(bias)) {
+    TORCH_CHECK_VALUE(b->is_contiguous() && b->numel() == out.size(-1) &&
+                          b->scalar_type() == out.scalar_type() && b->device() == out.device(),
+                      "resode::_add_row_bias: the bias must be a contiguous (", out.size(-1),
+                      ",) ", out.scalar_type(), " vector on ", out.device(), ", got ", b->sizes());
+  }
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "resode_add_row_bias", [&] {
     scalar_t* op = out.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -128,50 +154,24 @@ void add_row_bias(const at::Tensor& out, const at::Tensor& x, const at::Tensor& 
   });
 }
 
-// The BN kernels below work on rows (b, c) of HW contiguous elements. Inner loops are
-// branch-free (flags are template parameters) and `omp simd` lets the compiler reassociate the
-// reductions (-fopenmp), so they vectorise.
-void channel_mean_var(const at::Tensor& u, const at::Tensor& mean, const at::Tensor& var) {
-  const int64_t B = u.size(0), C = u.size(1), HW = u.numel() / (B * C);
-  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "resode_channel_mean_var", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* up = u.data_ptr<scalar_t>();
-    acc_t* mp = mean.data_ptr<acc_t>();
-    acc_t* vp = var.data_ptr<acc_t>();
-    const double inv_m = 1.0 / static_cast<double>(B * HW);
-    at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
-      // rows visited in memory order (b outer, c inner) for streaming access
-      std::vector<double> s(ce - cb, 0.0), q(ce - cb, 0.0);
-      std::vector<acc_t> m(ce - cb);
-      for (int64_t b = 0; b < B; ++b) {
-        for (int64_t c = cb; c < ce; ++c) {
-          const scalar_t* p = up + (b * C + c) * HW;
-          acc_t r = 0;
-          _Pragma("omp simd reduction(+ : r)") for (int64_t i = 0; i < HW; ++i) r += p[i];
-          s[c - cb] += r;
-        }
-      }
-      for (int64_t c = cb; c < ce; ++c) m[c - cb] = static_cast<acc_t>(s[c - cb] * inv_m);
-      for (int64_t b = 0; b < B; ++b) {
-        for (int64_t c = cb; c < ce; ++c) {
-          const scalar_t* p = up + (b * C + c) * HW;
-          const acc_t mc = m[c - cb];
-          acc_t r = 0;
-          _Pragma("omp simd reduction(+ : r)") for (int64_t i = 0; i < HW; ++i) {
-            const acc_t d = p[i] - mc;
-            r += d * d;
-          }
-          q[c - cb] += r;
-        }
-      }
-      for (int64_t c = cb; c < ce; ++c) {
-        mp[c] = m[c - cb];
-        vp[c] = static_cast<acc_t>(q[c - cb] * inv_m);
-      }
-    });
-  });
+void batch_stats(const Tensor& u, const OptTensor& running_mean, const OptTensor& running_var,
+                 double momentum, const Tensor& mean, const Tensor& var) {
+  check::same_as("batch_stats", u);
+  check_cpu_dtype("batch_stats", u);
+  check::channels_of("batch_stats", u, acc_dtype(u.scalar_type()), mean, var);
+  if (const Tensor* rm = check::get(running_mean)) check::channels_of("batch_stats", u, rm->scalar_type(), *rm);
+  if (const Tensor* rv = check::get(running_var)) check::channels_of("batch_stats", u, rv->scalar_type(), *rv);
+  // ATen's vectorised channel statistics, which also update the running statistics with the
+  // formula of nn.BatchNorm2d: the generic engine's numbers exactly.
+  auto mv = at::batch_norm_update_stats(u, running_mean, running_var, momentum);
+  Tensor m = mean, v = var;
+  m.copy_(std::get<0>(mv));
+  v.copy_(std::get<1>(mv));
 }
 
+// The BN kernels below work on rows (b, c) of HW contiguous elements. Inner loops are
+// branch-free (flags are template parameters) and `omp simd` lets the compiler reassociate the
+// reductions (-fopenmp-simd), so they vectorise.
 namespace {
 template <typename T, bool XH, bool RELU, bool OUT, bool BASE>
 void bn_apply_rows(const T* up, const T* mp, const T* sp, const T* gp, const T* bp, T* xh, T* op,
@@ -203,10 +203,9 @@ _Pragma("omp simd")
 
 namespace {
 template <typename T>
-void bn_apply_typed(const at::Tensor& u, const at::Tensor& mean, const at::Tensor& invstd,
-                    const at::Tensor& gamma, const at::Tensor& beta, bool relu,
-                    const at::Tensor& xhat, const at::Tensor& out, const at::Tensor& base,
-                    double c) {
+void bn_apply_typed(const Tensor& u, const Tensor& mean, const Tensor& invstd,
+                    const Tensor& gamma, const Tensor& beta, bool relu, const OptTensor& xhat,
+                    const OptTensor& out, const OptTensor& base, double c) {
   const int64_t B = u.size(0), C = u.size(1), HW = u.numel() / (B * C);
   // acc dtype == T for float / double (the only CPU dtypes)
   const T* up = u.data_ptr<T>();
@@ -241,9 +240,12 @@ void bn_apply_typed(const at::Tensor& u, const at::Tensor& mean, const at::Tenso
 }
 }  // namespace
 
-void bn_apply(const at::Tensor& u, const at::Tensor& mean, const at::Tensor& invstd,
-              const at::Tensor& gamma, const at::Tensor& beta, bool relu, const at::Tensor& xhat,
-              const at::Tensor& out, const at::Tensor& base, double c) {
+void bn_apply(const Tensor& u, const Tensor& mean, const Tensor& invstd, const Tensor& gamma,
+              const Tensor& beta, bool relu, const OptTensor& xhat, const OptTensor& out,
+              const OptTensor& base, double c) {
+  check::same_as("bn_apply", u, xhat, out, base);
+  check_cpu_dtype("bn_apply", u);
+  check::channels_of("bn_apply", u, u.scalar_type(), mean, invstd, gamma, beta);
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "resode_bn_apply", [&] {
     bn_apply_typed<scalar_t>(u, mean, invstd, gamma, beta, relu, xhat, out, base, c);
   });
@@ -302,8 +304,11 @@ _Pragma("omp simd")
 }
 }  // namespace
 
-void bn_backward_reduce(const at::Tensor& go, const at::Tensor& mask, const at::Tensor& xhat,
-                        const at::Tensor& sum_go, const at::Tensor& sum_goxhat) {
+void bn_backward_reduce(const Tensor& go, const OptTensor& mask, const Tensor& xhat,
+                        const Tensor& sum_go, const Tensor& sum_goxhat) {
+  check::same_as("bn_backward_reduce", go, mask, xhat);
+  check_cpu_dtype("bn_backward_reduce", go);
+  check::channels_of("bn_backward_reduce", go, go.scalar_type(), sum_go, sum_goxhat);
   const int64_t B = go.size(0), C = go.size(1), HW = go.numel() / (B * C);
   AT_DISPATCH_FLOATING_TYPES(go.scalar_type(), "resode_bn_backward_reduce", [&] {
     const scalar_t* gp = go.data_ptr<scalar_t>();
@@ -321,11 +326,10 @@ void bn_backward_reduce(const at::Tensor& go, const at::Tensor& mask, const at::
 
 namespace {
 template <typename T>
-void bn_backward_apply_typed(const at::Tensor& go, const at::Tensor& mask,
-                             const at::Tensor& xhat, const at::Tensor& gamma,
-                             const at::Tensor& invstd, const at::Tensor& sum_go,
-                             const at::Tensor& sum_goxhat, double scale, bool training,
-                             const at::Tensor& gx) {
+void bn_backward_apply_typed(const Tensor& go, const OptTensor& mask, const Tensor& xhat,
+                             const Tensor& gamma, const Tensor& invstd, const Tensor& sum_go,
+                             const Tensor& sum_goxhat, double scale, bool training,
+                             const Tensor& gx) {
   const int64_t B = go.size(0), C = go.size(1), HW = go.numel() / (B * C);
   const T* gp = go.data_ptr<T>();
   const T* mk = opt_ptr<T>(mask);
@@ -353,10 +357,13 @@ void bn_backward_apply_typed(const at::Tensor& go, const at::Tensor& mask,
 }
 }  // namespace
 
-void bn_backward_apply(const at::Tensor& go, const at::Tensor& mask, const at::Tensor& xhat,
-                       const at::Tensor& gamma, const at::Tensor& invstd,
-                       const at::Tensor& sum_go, const at::Tensor& sum_goxhat, double scale,
-                       bool training, const at::Tensor& gx) {
+void bn_backward_apply(const Tensor& go, const OptTensor& mask, const Tensor& xhat,
+                       const Tensor& gamma, const Tensor& invstd, const Tensor& sum_go,
+                       const Tensor& sum_goxhat, double scale, bool training, const Tensor& gx) {
+  check::same_as("bn_backward_apply", go, mask, xhat, gx);
+  check_cpu_dtype("bn_backward_apply", go);
+  check::channels_of("bn_backward_apply", go, go.scalar_type(), gamma, invstd, sum_go,
+                     sum_goxhat);
   AT_DISPATCH_FLOATING_TYPES(go.scalar_type(), "resode_bn_backward_apply", [&] {
     bn_backward_apply_typed<scalar_t>(go, mask, xhat, gamma, invstd, sum_go, sum_goxhat, scale,
                                       training, gx);
@@ -365,67 +372,10 @@ void bn_backward_apply(const at::Tensor& go, const at::Tensor& mask, const at::T
 
 }  // namespace cpu
 
-// ----------------------------------------------------------------------------------------------
-// Device dispatch.
-namespace ew {
-
-#ifdef WITH_CUDA
-#define RESODE_DISPATCH(t, name, ...)    \
-  do {                                   \
-    if ((t).is_cuda()) {                 \
-      cuda::name(__VA_ARGS__);           \
-    } else {                             \
-      cpu::name(__VA_ARGS__);            \
-    }                                    \
-  } while (0)
-#else
-#define RESODE_DISPATCH(t, name, ...)                                               \
-  do {                                                                              \
-    TORCH_CHECK(!(t).is_cuda(), "resode._C was built without CUDA support; "        \
-                "rebuild with a CUDA toolkit (or RESODE_FORCE_CUDA=1)");            \
-    cpu::name(__VA_ARGS__);                                                         \
-  } while (0)
-#endif
-
-void act_forward(const at::Tensor& z, const at::Tensor& a, int64_t act) {
-  RESODE_DISPATCH(z, act_forward, z, a, act);
-}
-void act_backward(const at::Tensor& g, const at::Tensor& z, const at::Tensor& a, int64_t act,
-                  double scale) {
-  RESODE_DISPATCH(g, act_backward, g, z, a, act, scale);
-}
-void axpby(const at::Tensor& out, const at::Tensor& x, double alpha, const at::Tensor& y,
-           double beta) {
-  RESODE_DISPATCH(out, axpby, out, x, alpha, y, beta);
-}
-void heun_combine(const at::Tensor& out, const at::Tensor& x, const at::Tensor& f0,
-                  const at::Tensor& f1, double c) {
-  RESODE_DISPATCH(out, heun_combine, out, x, f0, f1, c);
-}
-void add_row_bias(const at::Tensor& out, const at::Tensor& x, const at::Tensor& b, double c) {
-  RESODE_DISPATCH(out, add_row_bias, out, x, b, c);
-}
-void channel_mean_var(const at::Tensor& u, const at::Tensor& mean, const at::Tensor& var) {
-  RESODE_DISPATCH(u, channel_mean_var, u, mean, var);
-}
-void bn_apply(const at::Tensor& u, const at::Tensor& mean, const at::Tensor& invstd,
-              const at::Tensor& gamma, const at::Tensor& beta, bool relu, const at::Tensor& xhat,
-              const at::Tensor& out, const at::Tensor& base, double c) {
-  RESODE_DISPATCH(u, bn_apply, u, mean, invstd, gamma, beta, relu, xhat, out, base, c);
-}
-void bn_backward_reduce(const at::Tensor& go, const at::Tensor& mask, const at::Tensor& xhat,
-                        const at::Tensor& sum_go, const at::Tensor& sum_goxhat) {
-  RESODE_DISPATCH(go, bn_backward_reduce, go, mask, xhat, sum_go, sum_goxhat);
-}
-void bn_backward_apply(const at::Tensor& go, const at::Tensor& mask, const at::Tensor& xhat,
-                       const at::Tensor& gamma, const at::Tensor& invstd,
-                       const at::Tensor& sum_go, const at::Tensor& sum_goxhat, double scale,
-                       bool training, const at::Tensor& gx) {
-  RESODE_DISPATCH(go, bn_backward_apply, go, mask, xhat, gamma, invstd, sum_go, sum_goxhat,
-                  scale, training, gx);
+TORCH_LIBRARY_IMPL(resode, CPU, m) {
+#define RESODE_IMPL_KERNEL(name, params, args, schema) m.impl("_" #name, &cpu::name);
+  RESODE_KERNELS(RESODE_IMPL_KERNEL)
+#undef RESODE_IMPL_KERNEL
 }
 
-#undef RESODE_DISPATCH
-
-}  // namespace ew
 }  // namespace resode

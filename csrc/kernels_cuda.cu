@@ -1,13 +1,15 @@
-// CUDA implementations of the fused elementwise kernels (float32, float64, bfloat16; math in
-// at::opmath_type, i.e. float for bfloat16). Launched on the current stream.
+// CUDA implementations of the fused elementwise kernels (kernels.h), registered for the CUDA
+// dispatch key (float32, float64, bfloat16; math in at::opmath_type, i.e. float for bfloat16).
+// Launched on the current stream.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <torch/library.h>
 
 #include <algorithm>
 
-#include "resode.h"
+#include "kernels.h"
 
 namespace resode {
 namespace cuda {
@@ -45,9 +47,9 @@ __global__ void act_forward_kernel(const scalar_t* z, scalar_t* a,  // may alias
        i += (int64_t)blockDim.x * gridDim.x) {
     const acc_t v = static_cast<acc_t>(z[i]);
     acc_t r;
-    if (act == kTanh) {
+    if (act == acts::tanh) {
       r = tanh(v);
-    } else if (act == kRelu) {
+    } else if (act == acts::relu) {
       r = v > acc_t(0) ? v : acc_t(0);
     } else {
       r = gelu_f(v);
@@ -65,10 +67,10 @@ __global__ void act_backward_kernel(scalar_t* __restrict__ g, const scalar_t* __
        i += (int64_t)blockDim.x * gridDim.x) {
     const acc_t gv = static_cast<acc_t>(g[i]);
     acc_t r;
-    if (act == kTanh) {
+    if (act == acts::tanh) {
       const acc_t av = static_cast<acc_t>(a[i]);
       r = scale * (gv * (acc_t(1) - av * av));
-    } else if (act == kRelu) {
+    } else if (act == acts::relu) {
       r = static_cast<acc_t>(a[i]) > acc_t(0) ? scale * gv : acc_t(0);
     } else {
       r = scale * (gv * gelu_grad_f(static_cast<acc_t>(z[i])));
@@ -228,18 +230,29 @@ __global__ void bn_backward_apply_kernel(const scalar_t* go, const scalar_t* mas
 }
 
 template <typename T>
-const T* opt_ptr(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
+const T* opt_ptr(const OptTensor& t) {
+  const Tensor* p = check::get(t);
+  return p ? p->data_ptr<T>() : nullptr;
 }
 
 template <typename T>
-T* opt_mut_ptr(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
+T* opt_mut_ptr(const OptTensor& t) {
+  const Tensor* p = check::get(t);
+  return p ? p->data_ptr<T>() : nullptr;
+}
+
+void check_cuda_dtype(const char* op, const Tensor& t) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16, "resode::_",
+                   op, " on CUDA supports float32, float64 and bfloat16, got ", dt);
 }
 
 }  // namespace
 
-void act_forward(const at::Tensor& z, const at::Tensor& a, int64_t act) {
+void act_forward(const Tensor& z, const Tensor& a, int64_t act) {
+  check::same_as("act_forward", z, a);
+  check_cuda_dtype("act_forward", z);
+  check::activation("act_forward", act);
   const int64_t n = z.numel();
   if (n == 0) return;
   RESODE_CUDA_DISPATCH(z.scalar_type(), "resode_act_forward_cuda", [&] {
@@ -249,8 +262,10 @@ void act_forward(const at::Tensor& z, const at::Tensor& a, int64_t act) {
   });
 }
 
-void act_backward(const at::Tensor& g, const at::Tensor& z, const at::Tensor& a, int64_t act,
-                  double scale) {
+void act_backward(const Tensor& g, const Tensor& z, const Tensor& a, int64_t act, double scale) {
+  check::same_as("act_backward", g, z, a);
+  check_cuda_dtype("act_backward", g);
+  check::activation("act_backward", act);
   const int64_t n = g.numel();
   if (n == 0) return;
   RESODE_CUDA_DISPATCH(g.scalar_type(), "resode_act_backward_cuda", [&] {
@@ -262,8 +277,9 @@ void act_backward(const at::Tensor& g, const at::Tensor& z, const at::Tensor& a,
   });
 }
 
-void axpby(const at::Tensor& out, const at::Tensor& x, double alpha, const at::Tensor& y,
-           double beta) {
+void axpby(const Tensor& out, const Tensor& x, double alpha, const Tensor& y, double beta) {
+  check::same_as("axpby", out, x, y);
+  check_cuda_dtype("axpby", out);
   const int64_t n = out.numel();
   if (n == 0) return;
   RESODE_CUDA_DISPATCH(out.scalar_type(), "resode_axpby_cuda", [&] {
@@ -275,8 +291,10 @@ void axpby(const at::Tensor& out, const at::Tensor& x, double alpha, const at::T
   });
 }
 
-void heun_combine(const at::Tensor& out, const at::Tensor& x, const at::Tensor& f0,
-                  const at::Tensor& f1, double c) {
+void heun_combine(const Tensor& out, const Tensor& x, const Tensor& f0, const Tensor& f1,
+                  double c) {
+  check::same_as("heun_combine", out, x, f0, f1);
+  check_cuda_dtype("heun_combine", out);
   const int64_t n = out.numel();
   if (n == 0) return;
   RESODE_CUDA_DISPATCH(out.scalar_type(), "resode_heun_cuda", [&] {
@@ -288,7 +306,16 @@ void heun_combine(const at::Tensor& out, const at::Tensor& x, const at::Tensor& 
   });
 }
 
-void add_row_bias(const at::Tensor& out, const at::Tensor& x, const at::Tensor& b, double c) {
+void add_row_bias(const Tensor& out, const Tensor& x, const OptTensor& b, double c) {
+  check::same_as("add_row_bias", out, x);
+  check_cuda_dtype("add_row_bias", out);
+  TORCH_CHECK_VALUE(out.dim() >= 1, "resode::_add_row_bias: expected rows, got a scalar");
+  if (const Tensor* bp = check::get(b)) {
+    TORCH_CHECK_VALUE(bp->is_contiguous() && bp->numel() == out.size(-1) &&
+                          bp->scalar_type() == out.scalar_type() && bp->device() == out.device(),
+                      "resode::_add_row_bias: the bias must be a contiguous (", out.size(-1),
+                      ",) ", out.scalar_type(), " vector on ", out.device(), ", got ", bp->sizes());
+  }
   const int64_t n = out.numel();
   if (n == 0) return;
   const int64_t cols = out.size(-1);
@@ -301,21 +328,39 @@ void add_row_bias(const at::Tensor& out, const at::Tensor& x, const at::Tensor& 
   });
 }
 
-void channel_mean_var(const at::Tensor& u, const at::Tensor& mean, const at::Tensor& var) {
+void batch_stats(const Tensor& u, const OptTensor& running_mean, const OptTensor& running_var,
+                 double momentum, const Tensor& mean, const Tensor& var) {
+  check::same_as("batch_stats", u);
+  check_cuda_dtype("batch_stats", u);
+  check::channels_of("batch_stats", u, acc_dtype(u.scalar_type()), mean, var);
   const int64_t B = u.size(0), C = u.size(1);
   if (u.numel() == 0) return;
   const int64_t HW = u.numel() / (B * C);
-  RESODE_CUDA_DISPATCH(u.scalar_type(), "resode_channel_mean_var_cuda", [&] {
+  RESODE_CUDA_DISPATCH(u.scalar_type(), "resode_batch_stats_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     channel_mean_var_kernel<scalar_t, acc_t><<<static_cast<int>(C), kThreads, 0, stream()>>>(
         u.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(), B, C, HW);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  const Tensor* rm = check::get(running_mean);
+  const Tensor* rv = check::get(running_var);
+  if (rm != nullptr && rv != nullptr) {  // nn.BatchNorm2d's update: unbiased variance
+    check::channels_of("batch_stats", u, rm->scalar_type(), *rm, *rv);
+    const double M = static_cast<double>(B * HW);
+    const double unbias = M > 1 ? M / (M - 1) : 1.0;
+    Tensor rmv = *rm, rvv = *rv;
+    rmv.mul_(1.0 - momentum).add_(mean.to(rm->scalar_type()), momentum);
+    rvv.mul_(1.0 - momentum).add_(var.to(rv->scalar_type()), momentum * unbias);
+  }
 }
 
-void bn_apply(const at::Tensor& u, const at::Tensor& mean, const at::Tensor& invstd,
-              const at::Tensor& gamma, const at::Tensor& beta, bool relu, const at::Tensor& xhat,
-              const at::Tensor& out, const at::Tensor& base, double c) {
+void bn_apply(const Tensor& u, const Tensor& mean, const Tensor& invstd, const Tensor& gamma,
+              const Tensor& beta, bool relu, const OptTensor& xhat, const OptTensor& out,
+              const OptTensor& base, double c) {
+  check::same_as("bn_apply", u, xhat, out, base);
+  check_cuda_dtype("bn_apply", u);
+  check::channels_of("bn_apply", u, acc_dtype(u.scalar_type()), mean, invstd);
+  check::channels_of("bn_apply", u, u.scalar_type(), gamma, beta);
   const int64_t n = u.numel();
   if (n == 0) return;
   const int64_t B = u.size(0), C = u.size(1), HW = n / (B * C);
@@ -329,8 +374,11 @@ void bn_apply(const at::Tensor& u, const at::Tensor& mean, const at::Tensor& inv
   });
 }
 
-void bn_backward_reduce(const at::Tensor& go, const at::Tensor& mask, const at::Tensor& xhat,
-                        const at::Tensor& sum_go, const at::Tensor& sum_goxhat) {
+void bn_backward_reduce(const Tensor& go, const OptTensor& mask, const Tensor& xhat,
+                        const Tensor& sum_go, const Tensor& sum_goxhat) {
+  check::same_as("bn_backward_reduce", go, mask, xhat);
+  check_cuda_dtype("bn_backward_reduce", go);
+  check::channels_of("bn_backward_reduce", go, acc_dtype(go.scalar_type()), sum_go, sum_goxhat);
   const int64_t B = go.size(0), C = go.size(1);
   if (go.numel() == 0) return;
   const int64_t HW = go.numel() / (B * C);
@@ -343,10 +391,14 @@ void bn_backward_reduce(const at::Tensor& go, const at::Tensor& mask, const at::
   });
 }
 
-void bn_backward_apply(const at::Tensor& go, const at::Tensor& mask, const at::Tensor& xhat,
-                       const at::Tensor& gamma, const at::Tensor& invstd,
-                       const at::Tensor& sum_go, const at::Tensor& sum_goxhat, double scale,
-                       bool training, const at::Tensor& gx) {
+void bn_backward_apply(const Tensor& go, const OptTensor& mask, const Tensor& xhat,
+                       const Tensor& gamma, const Tensor& invstd, const Tensor& sum_go,
+                       const Tensor& sum_goxhat, double scale, bool training, const Tensor& gx) {
+  check::same_as("bn_backward_apply", go, mask, xhat, gx);
+  check_cuda_dtype("bn_backward_apply", go);
+  check::channels_of("bn_backward_apply", go, go.scalar_type(), gamma);
+  check::channels_of("bn_backward_apply", go, acc_dtype(go.scalar_type()), invstd, sum_go,
+                     sum_goxhat);
   const int64_t n = go.numel();
   if (n == 0) return;
   const int64_t B = go.size(0), C = go.size(1), HW = n / (B * C);
@@ -362,4 +414,11 @@ void bn_backward_apply(const at::Tensor& go, const at::Tensor& mask, const at::T
 }
 
 }  // namespace cuda
+
+TORCH_LIBRARY_IMPL(resode, CUDA, m) {
+#define RESODE_IMPL_KERNEL(name, params, args, schema) m.impl("_" #name, &cuda::name);
+  RESODE_KERNELS(RESODE_IMPL_KERNEL)
+#undef RESODE_IMPL_KERNEL
+}
+
 }  // namespace resode

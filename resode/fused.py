@@ -35,6 +35,20 @@ Training-mode BatchNorm (``ConvStack``): batch statistics in the forward and in 
 recomputation; the running statistics (unbiased variance, ``momentum``) and
 ``num_batches_tracked`` are updated once per block evaluation of the forward, in the order of
 the generic engine, and never by the backward.
+
+Stage interface, as for the generic :class:`resode.ResidualStack`: ``forward(x)``,
+``integrate(x, args=(), seed=None)`` (the forward with exact gradients), ``reverse(y, *args,
+seed=None)`` (the scheme's reverse steps from the output, run in C++; BatchNorm running
+statistics untouched), ``block(n)`` (a copy of ``f_n`` as an ``nn.Module``: the
+:func:`resode.models.blocks.mlp_block` / :func:`~resode.models.blocks.conv_block` of the generic
+engine), ``to_generic()`` and ``from_generic()``. The blocks of a fused stage take no extra
+arguments and draw no random numbers, so ``args`` must be empty and ``seed`` is ignored. The ops
+themselves are in :mod:`resode._ops`; docs/design.md, "Engines" and "The extension".
+
+``torch.compile`` works on both stages (forward and backward, both backward modes): the ops have
+functional schemas and fake kernels. Without the extension (not built, or
+``RESODE_DISABLE_EXTENSION=1``) a fused stage can be built, converted (:meth:`to_generic`) and
+loaded, but running it raises an error that says why and how to build the extension.
 """
 
 from __future__ import annotations
@@ -43,9 +57,9 @@ import math
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
-from . import _ext
+from . import _ext, _ops
+from .models.blocks import activation_name, conv_block, make_activation, mlp_block
 from .stack import ResidualStack, Stage
 
 __all__ = [
@@ -59,10 +73,6 @@ __all__ = [
 
 extension_available = _ext.extension_available
 
-_ACTIVATIONS = {"tanh": 0, "relu": 1, "gelu": 2}
-_SCHEMES = {"euler": 0, "heun": 1}
-_MODES = {"autograd": 0, "adjoint": 1, "adjoint_stored": 2}
-
 
 def available_for(device: torch.device | str | None = None) -> bool:
     """Can fused stages run on ``device`` (default CPU)? Loads the extension on first call."""
@@ -75,22 +85,8 @@ def available_for(device: torch.device | str | None = None) -> bool:
     return False
 
 
-def _act_module(name: str) -> nn.Module:
-    return {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}[name]()
-
-
-def _act_name(module: nn.Module) -> str | None:
-    if type(module) is nn.Tanh:
-        return "tanh"
-    if type(module) is nn.ReLU:
-        return "relu"
-    if type(module) is nn.GELU and module.approximate == "none":
-        return "gelu"
-    return None
-
-
 class _FusedStage(Stage):
-    """Common checks of the fused stages."""
+    """What the fused stages share: input checks and the stage interface around the ops."""
 
     #: bytes held by the C++ side between forward and backward beyond ``save_for_backward``
     extra_saved_bytes: int = 0
@@ -135,62 +131,84 @@ class _FusedStage(Stage):
                 f"{[str(d) for d in allowed]}, got {x.dtype}"
             )
         if not available_for(x.device):
-            status = _ext.load()
             raise RuntimeError(
-                f"{type(self).__name__}: the fused extension cannot run on {x.device} "
-                f"({status.reason}); use .to_generic() for the pure-PyTorch engine"
+                f"{type(self).__name__}: the fused extension resode._C cannot run on "
+                f"{x.device} ({_ext.load().reason}). {_ops.HOW_TO_FIX}"
             )
         return x.contiguous()
 
-    def _cfg(self) -> tuple[int, float, int, int]:
-        if self.backward not in _MODES:
-            raise ValueError(
-                f"unknown backward mode {self.backward!r}; choose one of {list(_MODES)}"
+    def _check_args(self, args: tuple, method: str) -> None:
+        if args:
+            raise TypeError(
+                f"{type(self).__name__}.{method}: the blocks of a fused stage take no extra "
+                f"arguments, got {len(args)}; use a resode.ResidualStack for blocks with arguments"
             )
-        return _SCHEMES[self.scheme.name], float(self.step), self.depth, _MODES[self.backward]
+
+    def _slot(self, n: int) -> int:
+        """Parameter slot of residual function ``n`` (0 for a tied stage)."""
+        if not (isinstance(n, int) and 0 <= n < self.depth):
+            raise IndexError(f"residual function index {n} out of range for depth {self.depth}")
+        return 0 if self.tied else n
+
+    def _stage_kwargs(self) -> dict:
+        return dict(scheme=self.scheme.name, step=self.step, depth=self.depth)
+
+    def block(self, n: int) -> nn.Module:
+        """A copy of residual function ``f_n`` as the generic engine's ``nn.Sequential`` block
+        (same values, device and dtype; a new module at every call, also for a tied stage)."""
+        return self._make_block(self._slot(n))
+
+    def to_generic(self) -> ResidualStack:
+        """An equivalent :class:`resode.ResidualStack` of ``nn.Sequential`` blocks (copies of the
+        values, BatchNorm running statistics included)."""
+        blocks = [self.block(n) for n in range(1 if self.tied else self.depth)]
+        stack = ResidualStack(
+            blocks,
+            self.depth,
+            scheme=self.scheme.name,
+            backward=self.backward,
+            step=self._step,
+            tied=self.tied,
+        )
+        return stack.train(self.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._run(x, self.backward)
+
+    def integrate(
+        self, x: Tensor, args: tuple[Tensor, ...] = (), seed: int | None = None
+    ) -> Tensor:
+        """The forward pass with exact gradients (``backward="autograd"``), whatever
+        ``self.backward``. ``args`` must be empty; ``seed`` is ignored (no random layers)."""
+        self._check_args(tuple(args), "integrate")
+        return self._run(x, "autograd")
+
+    @torch.no_grad()
+    def reverse(self, y: Tensor, *args: Tensor, seed: int | None = None) -> Tensor:
+        """Run the scheme's reverse steps from the stage output ``y`` back to an estimate of the
+        input (in C++). Training-mode BatchNorm uses batch statistics and its running statistics
+        are left alone. ``args`` must be empty; ``seed`` is ignored."""
+        self._check_args(args, "reverse")
+        return self._reverse(y)
+
+    def _run(self, x: Tensor, backward: str) -> Tensor:
+        raise NotImplementedError
+
+    def _reverse(self, y: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _make_block(self, slot: int) -> nn.Module:
+        raise NotImplementedError
 
 
 # ---------------------------------------------------------------------------------------------
 # MLP stage
-class _MLPFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, cfg):
-        act, scheme, h, depth, mode = cfg
-        y, saved = _ext.ops().mlp_forward(x, w1, b1, w2, b2, act, scheme, h, depth, mode != 1)
-        ctx.cfg = cfg
-        ctx.n_saved = len(saved)
-        # the output only where a reconstruction needs it (adjoint modes)
-        ctx.save_for_backward(y if mode != 0 else None, *saved, w1, b1, w2, b2)
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, gy):
-        act, scheme, h, depth, mode = ctx.cfg
-        tensors = ctx.saved_tensors
-        y = tensors[0]
-        saved = list(tensors[1 : 1 + ctx.n_saved])
-        w1, b1, w2, b2 = tensors[1 + ctx.n_saved :]
-        gx, gw1, gb1, gw2, gb2 = _ext.ops().mlp_backward(
-            gy, y if y is not None else gy, saved, w1, b1, w2, b2, act, scheme, h, depth, mode
-        )
-        return (
-            gx if ctx.needs_input_grad[0] else None,
-            gw1 if ctx.needs_input_grad[1] else None,
-            gb1 if b1 is not None and ctx.needs_input_grad[2] else None,
-            gw2 if ctx.needs_input_grad[3] else None,
-            gb2 if b2 is not None and ctx.needs_input_grad[4] else None,
-            None,
-        )
-
-
 class MLPStack(_FusedStage):
     """Fused residual stage of MLP blocks ``f_n(x) = W2_n act(W1_n x + b1_n) + b2_n``.
 
-    Equivalent to ``ResidualStack([mlp_block(dim, hidden, activation) for _ in range(depth)],
-    scheme=..., backward=..., step=...)`` (:func:`resode.models.blocks.mlp_block`; or
-    ``ResidualStack(block, depth, tied=True)`` with ``tied=True``), with the same initialisation
-    law as ``nn.Linear``.
+    Equivalent to ``ResidualStack.from_factory(lambda: mlp_block(dim, hidden, activation,
+    bias), depth, tied=tied, scheme=..., backward=..., step=...)``
+    (:func:`resode.models.blocks.mlp_block`), with the same initialisation law as ``nn.Linear``.
 
     Args:
         dim: feature size of the stage input ``(..., dim)``.
@@ -221,10 +239,7 @@ class MLPStack(_FusedStage):
         bias: bool = True,
     ) -> None:
         super().__init__(depth, scheme=scheme, backward=backward, step=step, tied=tied)
-        if activation not in _ACTIVATIONS:
-            raise ValueError(
-                f"unknown activation {activation!r}; choose one of {list(_ACTIVATIONS)}"
-            )
+        make_activation(activation)  # validates the name
         for name, v in (("dim", dim), ("hidden", hidden)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -257,47 +272,35 @@ class MLPStack(_FusedStage):
             f"tied={self.tied}, bias={self.b1 is not None}, " + super().extra_repr()
         )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _as_rows(self, x: Tensor) -> Tensor:
         if isinstance(x, Tensor) and (x.dim() < 1 or x.shape[-1] != self.dim):
             raise ValueError(
                 f"MLPStack(dim={self.dim}) expects an input of shape (..., {self.dim}), got "
                 f"{tuple(x.shape)}"
             )
-        x2 = self._check_input(x, None, f"(..., {self.dim})").reshape(-1, self.dim)
-        scheme, h, depth, mode = self._cfg()
-        act = _ACTIVATIONS[self.activation]
-        params = [p for p in (self.w1, self.b1, self.w2, self.b2) if p is not None]
-        if torch.is_grad_enabled() and (x2.requires_grad or any(p.requires_grad for p in params)):
-            cfg = (act, scheme, h, depth, mode)
-            y = _MLPFunction.apply(x2, self.w1, self.b1, self.w2, self.b2, cfg)
-        else:
-            y, _ = _ext.ops().mlp_forward(
-                x2, self.w1, self.b1, self.w2, self.b2, act, scheme, h, depth, False
-            )
-        return y.reshape(x.shape)
+        return self._check_input(x, None, f"(..., {self.dim})").reshape(-1, self.dim)
 
-    # -- conversion -------------------------------------------------------------------------
-    def _block(self, i: int) -> nn.Sequential:
+    def _params(self) -> tuple:
+        return self.w1, self.b1, self.w2, self.b2
+
+    def _run(self, x: Tensor, backward: str) -> Tensor:
+        kw = dict(activation=self.activation, backward=backward, **self._stage_kwargs())
+        return _ops.mlp_stage(self._as_rows(x), *self._params(), **kw).reshape(x.shape)
+
+    def _reverse(self, y: Tensor) -> Tensor:
+        kw = dict(activation=self.activation, **self._stage_kwargs())
+        return _ops.mlp_reverse(self._as_rows(y), *self._params(), **kw).reshape(y.shape)
+
+    def _make_block(self, slot: int) -> nn.Sequential:
         bias = self.b1 is not None
-        blk = nn.Sequential(
-            nn.Linear(self.dim, self.hidden, bias=bias),
-            _act_module(self.activation),
-            nn.Linear(self.hidden, self.dim, bias=bias),
-        )
+        blk = mlp_block(self.dim, self.hidden, self.activation, bias=bias)
         with torch.no_grad():
-            blk[0].weight.copy_(self.w1[i])
-            blk[2].weight.copy_(self.w2[i])
+            blk[0].weight.copy_(self.w1[slot])
+            blk[2].weight.copy_(self.w2[slot])
             if bias:
-                blk[0].bias.copy_(self.b1[i])
-                blk[2].bias.copy_(self.b2[i])
+                blk[0].bias.copy_(self.b1[slot])
+                blk[2].bias.copy_(self.b2[slot])
         return blk.to(device=self.w1.device, dtype=self.w1.dtype)
-
-    def to_generic(self) -> ResidualStack:
-        """An equivalent :class:`resode.ResidualStack` of ``nn.Sequential`` blocks (copies)."""
-        kw = dict(scheme=self.scheme.name, backward=self.backward, step=self._step)
-        blocks = [self._block(i) for i in range(1 if self.tied else self.depth)]
-        stack = ResidualStack(blocks, self.depth, tied=self.tied, **kw)
-        return stack.train(self.training)
 
     @classmethod
     def from_generic(cls, stack: ResidualStack) -> MLPStack:
@@ -342,7 +345,7 @@ def _mlp_signature(stack: nn.Module):
         l1, act, l2 = blk
         if type(l1) is not nn.Linear or type(l2) is not nn.Linear:
             return None
-        name = _act_name(act)
+        name = activation_name(act)
         bias = l1.bias is not None
         if name is None or (l2.bias is not None) != bias:
             return None
@@ -357,55 +360,6 @@ def _mlp_signature(stack: nn.Module):
 
 # ---------------------------------------------------------------------------------------------
 # Conv stage
-class _ConvFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, running, cfg, *params):
-        scheme, h, depth, mode, training, momentum, eps = cfg
-        y, saved, _ = _ext.ops().conv_forward(
-            x,
-            list(params),
-            running,
-            scheme,
-            h,
-            depth,
-            training,
-            training,
-            momentum,
-            eps,
-            mode != 1,
-        )
-        ctx.cfg = cfg
-        ctx.n_saved = len(saved)
-        ctx.running = running  # buffers (read in eval mode only); not activations
-        ctx.save_for_backward(y if mode != 0 else None, *saved, *params)
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, gy):
-        scheme, h, depth, mode, training, momentum, eps = ctx.cfg
-        tensors = ctx.saved_tensors
-        y = tensors[0]
-        saved = list(tensors[1 : 1 + ctx.n_saved])
-        params = list(tensors[1 + ctx.n_saved :])
-        grads = _ext.ops().conv_backward(
-            gy,
-            y if y is not None else gy,
-            saved,
-            params,
-            ctx.running,
-            scheme,
-            h,
-            depth,
-            training,
-            eps,
-            mode,
-        )
-        gx = grads[0] if ctx.needs_input_grad[0] else None
-        gp = [g if ctx.needs_input_grad[3 + i] else None for i, g in enumerate(grads[1:])]
-        return (gx, None, None, *gp)
-
-
 _CONV_PARAMS = (
     "conv1_weight", "conv1_bias", "bn1_weight", "bn1_bias",
     "conv2_weight", "conv2_bias", "bn2_weight", "bn2_bias",
@@ -416,10 +370,10 @@ _CONV_BUFFERS = ("bn1_running_mean", "bn1_running_var", "bn2_running_mean", "bn2
 class ConvStack(_FusedStage):
     """Fused residual stage of the tiny-ResNet block conv3x3-BN-ReLU-conv3x3-BN (paper, Figs 3c, 4).
 
-    Equivalent to a :class:`resode.ResidualStack` of ``nn.Sequential(nn.Conv2d(C, C, 3,
-    padding=1), nn.BatchNorm2d(C), nn.ReLU(), nn.Conv2d(C, C, 3, padding=1), nn.BatchNorm2d(C))``
-    blocks (:meth:`to_generic`), BN with ``eps`` and ``momentum``; the last BN weight is zero at
-    initialisation unless ``zero_init_last_bn=False``.
+    Equivalent to a :class:`resode.ResidualStack` of
+    :func:`resode.models.blocks.conv_block` ``(channels, eps, momentum)`` blocks
+    (:meth:`to_generic`); the last BN weight is zero at initialisation unless
+    ``zero_init_last_bn=False``.
 
     Parameters and buffers are stacked over blocks (``P = 1`` if tied else ``N``):
     ``conv{1,2}_weight`` ``(P, C, C, 3, 3)``, ``conv{1,2}_bias``, ``bn{1,2}_weight``,
@@ -475,82 +429,60 @@ class ConvStack(_FusedStage):
     def extra_repr(self) -> str:
         return f"channels={self.channels}, tied={self.tied}, " + super().extra_repr()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _check_conv_input(self, x: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         if isinstance(x, Tensor) and x.dim() == 4 and x.shape[1] != self.channels:
             raise ValueError(
                 f"ConvStack(channels={self.channels}) got an input with {x.shape[1]} channels "
                 f"(shape {tuple(x.shape)})"
             )
         x = self._check_input(x, 4, f"(batch, {self.channels}, H, W)")
-        scheme, h, depth, mode = self._cfg()
-        training = self.training
         params = [getattr(self, n) for n in _CONV_PARAMS]
         running = [getattr(self, n) for n in _CONV_BUFFERS]
         if running[0].dtype != x.dtype:
             raise TypeError(
                 f"ConvStack: running statistics are {running[0].dtype}, input {x.dtype}"
             )
-        cfg = (scheme, h, depth, mode, training, self.momentum, self.eps)
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-            y = _ConvFunction.apply(x, running, cfg, *params)
-        else:
-            y, _, _ = _ext.ops().conv_forward(
-                x,
-                params,
-                running,
-                scheme,
-                h,
-                depth,
-                training,
-                training,
-                self.momentum,
-                self.eps,
-                False,
-            )
-        if training:
-            counts = self._eval_counts().to(self.bn1_num_batches_tracked.device)
-            self.bn1_num_batches_tracked.add_(counts)
-            self.bn2_num_batches_tracked.add_(counts)
+        return x, params, running
+
+    def _run(self, x: Tensor, backward: str) -> Tensor:
+        x, params, running = self._check_conv_input(x)
+        y, new_running, counts = _ops.conv_stage(
+            x,
+            params,
+            running,
+            backward=backward,
+            training=self.training,
+            momentum=self.momentum,
+            eps=self.eps,
+            **self._stage_kwargs(),
+        )
+        if self.training:  # the op returns the updated statistics, stored here
+            with torch.no_grad():
+                for buffer, new in zip(running, new_running):
+                    buffer.copy_(new)
+                self.bn1_num_batches_tracked.add_(counts)
+                self.bn2_num_batches_tracked.add_(counts)
         return y
 
-    def _eval_counts(self) -> Tensor:
-        """Block evaluations per forward, per parameter slot (running-stat updates)."""
-        n = self.depth
-        if self.scheme.name == "euler":
-            counts = torch.ones(n, dtype=torch.long)
-        else:  # step k evaluates f_k(x_k) and f_{k+1}(y_k), k = 0 .. N-2
-            counts = torch.full((n,), 2, dtype=torch.long)
-            counts[0] = counts[-1] = 1
-        return counts.sum().reshape(1) if self.tied else counts
+    def _reverse(self, y: Tensor) -> Tensor:
+        y, params, running = self._check_conv_input(y)
+        kw = dict(training=self.training, eps=self.eps, **self._stage_kwargs())
+        return _ops.conv_reverse(y, params, running, **kw)
 
-    # -- conversion -------------------------------------------------------------------------
-    def _block(self, i: int) -> nn.Sequential:
-        c = self.channels
-        blk = nn.Sequential(
-            nn.Conv2d(c, c, 3, padding=1, bias=True),
-            nn.BatchNorm2d(c, eps=self.eps, momentum=self.momentum),
-            nn.ReLU(),
-            nn.Conv2d(c, c, 3, padding=1, bias=True),
-            nn.BatchNorm2d(c, eps=self.eps, momentum=self.momentum),
-        ).to(device=self.conv1_weight.device, dtype=self.conv1_weight.dtype)
+    def _make_block(self, slot: int) -> nn.Sequential:
+        ref = self.conv1_weight
+        blk = conv_block(self.channels, eps=self.eps, momentum=self.momentum)
+        blk = blk.to(device=ref.device, dtype=ref.dtype)
         with torch.no_grad():
             for k, (conv, bn) in enumerate(((blk[0], blk[1]), (blk[3], blk[4])), start=1):
-                conv.weight.copy_(getattr(self, f"conv{k}_weight")[i])
-                conv.bias.copy_(getattr(self, f"conv{k}_bias")[i])
-                bn.weight.copy_(getattr(self, f"bn{k}_weight")[i])
-                bn.bias.copy_(getattr(self, f"bn{k}_bias")[i])
-                bn.running_mean.copy_(getattr(self, f"bn{k}_running_mean")[i])
-                bn.running_var.copy_(getattr(self, f"bn{k}_running_var")[i])
-                bn.num_batches_tracked.copy_(getattr(self, f"bn{k}_num_batches_tracked")[i])
+                conv.weight.copy_(getattr(self, f"conv{k}_weight")[slot])
+                conv.bias.copy_(getattr(self, f"conv{k}_bias")[slot])
+                bn.weight.copy_(getattr(self, f"bn{k}_weight")[slot])
+                bn.bias.copy_(getattr(self, f"bn{k}_bias")[slot])
+                bn.running_mean.copy_(getattr(self, f"bn{k}_running_mean")[slot])
+                bn.running_var.copy_(getattr(self, f"bn{k}_running_var")[slot])
+                bn.num_batches_tracked.copy_(getattr(self, f"bn{k}_num_batches_tracked")[slot])
         return blk
-
-    def to_generic(self) -> ResidualStack:
-        """An equivalent :class:`resode.ResidualStack` of ``nn.Sequential`` blocks (copied values,
-        running statistics included)."""
-        kw = dict(scheme=self.scheme.name, backward=self.backward, step=self._step)
-        blocks = [self._block(i) for i in range(1 if self.tied else self.depth)]
-        stack = ResidualStack(blocks, self.depth, tied=self.tied, **kw)
-        return stack.train(self.training)
 
     @classmethod
     def from_generic(cls, stack: ResidualStack) -> ConvStack:
@@ -635,10 +567,13 @@ def _conv_signature(stack: nn.Module):
 
 
 def can_fuse(stack: nn.Module) -> bool:
-    """Does ``stack`` (a generic ``ResidualStack``) have a fused equivalent?"""
-    if isinstance(stack, ResidualStack) and stack.backward in _MODES and not stack.preserve_rng:
-        return _mlp_signature(stack) is not None or _conv_signature(stack) is not None
-    return False
+    """Does ``stack`` (a generic ``ResidualStack``) have a fused equivalent that the extension
+    implements (its blocks, its backward mode)?"""
+    if not isinstance(stack, ResidualStack) or stack.preserve_rng:
+        return False
+    if _mlp_signature(stack) is None and _conv_signature(stack) is None:
+        return False
+    return _ops.supports_mode(stack.backward)
 
 
 def fuse(stack: nn.Module, device: torch.device | str | None = None) -> nn.Module:

@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 import resode
-from resode import _ext, fused
+from resode import _ext, _ops, fused
+from resode.models.blocks import ACTIVATIONS
+from resode.stack import BACKWARD_MODES
 
 SCHEMES = ("euler", "heun")
 MODES = ("autograd", "adjoint")
@@ -85,16 +87,18 @@ def _buffer_pairs(f: fused.ConvStack, g: resode.ResidualStack):
     return out
 
 
-def _run_parity(f, x_shape, pairs_fn, buffers=False, steps=2):
-    """Run fused and generic stages side by side (``steps`` forward/backward passes) and compare
-    outputs, input gradients, every parameter gradient and the BN buffers."""
+def _run_parity(f, x_shape, pairs_fn, buffers=False, steps=2, call=None):
+    """Run fused and generic stages side by side (``steps`` forward/backward passes of
+    ``call(stage, x)``, default ``stage(x)``) and compare outputs, input gradients, every
+    parameter gradient and the BN buffers."""
     g = f.to_generic()
+    call = call or (lambda stage, x: stage(x))
     for it in range(steps):
         x = torch.randn(*x_shape, dtype=torch.float64)
         w = torch.randn(*x_shape, dtype=torch.float64)
         xf = x.clone().requires_grad_(True)
         xg = x.clone().requires_grad_(True)
-        yf, yg = f(xf), g(xg)
+        yf, yg = call(f, xf), call(g, xg)
         _assert_close(yf, yg, f"output (pass {it})")
         (yf * w).sum().backward()
         (yg * w).sum().backward()
@@ -283,15 +287,15 @@ def test_non_contiguous_input_is_handled():
 
 
 def test_mismatched_parameter_shapes():
-    ops = _ext.ops()
+    ops = _ops.library()
     x = torch.randn(3, 4, dtype=torch.float64)
     w1 = torch.randn(2, 5, 4, dtype=torch.float64)
     w2 = torch.randn(2, 4, 6, dtype=torch.float64)  # hidden 6 != 5
     with pytest.raises((ValueError, RuntimeError), match="w2"):
-        ops.mlp_forward(x, w1, None, w2, None, 0, 0, 0.5, 2, False)
+        ops.mlp_forward(x, w1, None, w2, None, 0, 0, 0.5, 2, 0, False)
     w2 = torch.randn(3, 4, 5, dtype=torch.float64)  # 3 blocks for depth 2
     with pytest.raises((ValueError, RuntimeError), match="leading size"):
-        ops.mlp_forward(x, w1, None, w2, None, 0, 0, 0.5, 2, False)
+        ops.mlp_forward(x, w1, None, w2, None, 0, 0, 0.5, 2, 0, False)
     f = fused.MLPStack(4, 6, 3).double()
     f.w2 = nn.Parameter(torch.randn(3, 4, 7, dtype=torch.float64))
     with pytest.raises((ValueError, RuntimeError), match="w2"):
@@ -357,6 +361,67 @@ def test_stage_api_and_backward_switch():
     assert fused.available_for("cpu") == bool(_ext.extension_available())
 
 
+# ------------------------------------------------------------------------ the Stage interface
+def _mlp_stage(scheme, tied=False, backward="adjoint"):
+    return fused.MLPStack(
+        4, 6, 5, activation="gelu", scheme=scheme, tied=tied, backward=backward
+    ).double()
+
+
+def _conv_stage(scheme, tied=False, backward="adjoint"):
+    c = fused.ConvStack(3, 4, scheme=scheme, tied=tied, backward=backward).double()
+    _randomise_bn(c)
+    return c
+
+
+@pytest.mark.parametrize("tied", TIED)
+def test_block_is_a_copy_of_the_generic_block(tied):
+    for f in (_mlp_stage("heun", tied), _conv_stage("euler", tied)):
+        g = f.to_generic()
+        for n in (0, f.depth - 1):
+            b, ref = f.block(n), g.block(n)
+            assert type(b) is type(ref) and len(b) == len(ref)
+            assert b.state_dict().keys() == ref.state_dict().keys()
+            for k, v in ref.state_dict().items():
+                assert torch.equal(b.state_dict()[k], v), k
+        assert f.block(0) is not f.block(0)  # a copy, even when tied
+        with pytest.raises(IndexError):
+            f.block(f.depth)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_integrate_is_the_exact_forward(scheme):
+    """integrate() = the generic integrate (values, exact gradients, BN buffers), also for a
+    stage whose backward is the adjoint."""
+    integrate = lambda stage, x: stage.integrate(x)  # noqa: E731
+    _run_parity(_mlp_stage(scheme), (5, 4), _mlp_pairs, steps=1, call=integrate)
+    f = _conv_stage(scheme)
+    _run_parity(f, (4, 3, 5, 5), _conv_pairs, buffers=True, steps=1, call=integrate)
+    with pytest.raises(TypeError, match="extra arguments"):
+        f.integrate(torch.randn(4, 3, 5, 5, dtype=torch.float64), (torch.ones(1),))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("tied", TIED)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("make", [_mlp_stage, _conv_stage], ids=["mlp", "conv"])
+def test_reverse_matches_generic(scheme, tied, training, make):
+    """reverse() = the generic reverse to 1e-10 (float64); BN running statistics untouched."""
+    f = make(scheme, tied).train(training)
+    g = f.to_generic()
+    shape = (5, 4) if isinstance(f, fused.MLPStack) else (4, 3, 5, 5)
+    y = torch.randn(*shape, dtype=torch.float64)
+    buffers = {k: v.clone() for k, v in f.state_dict().items()}
+    xf, xg = f.reverse(y), g.reverse(y)
+    assert not xf.requires_grad
+    _assert_close(xf, xg, "reverse")
+    assert (xf - y).norm() > 1e-3 * y.norm()  # the reverse steps did something
+    for k, v in f.state_dict().items():
+        assert torch.equal(v, buffers[k]), k
+    with pytest.raises(TypeError, match="extra arguments"):
+        f.reverse(y, y)
+
+
 def test_activation_memory_adjoint_is_flat_and_autograd_grows():
     from resode.diagnostics import saved_tensor_bytes
 
@@ -369,14 +434,220 @@ def test_activation_memory_adjoint_is_flat_and_autograd_grows():
     assert mem(64, "autograd") > 10 * mem(4, "adjoint")
 
 
-def test_fake_kernels_give_shapes():
+def _fake_and_real(op, *args):
+    """The op's outputs on real tensors and under FakeTensorMode (same inputs)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode():
-        x = torch.empty(3, 4)
-        w1, w2 = torch.empty(5, 6, 4), torch.empty(5, 4, 6)
-        y, saved = torch.ops.resode.mlp_forward(x, w1, None, w2, None, 0, 0, 0.2, 5, True)
-        assert y.shape == (3, 4) and len(saved) == 10 and saved[5].shape == (3, 6)
+    real = op(*args)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake_args = [
+            [mode.from_tensor(t) for t in a]
+            if isinstance(a, list)
+            else (mode.from_tensor(a) if isinstance(a, torch.Tensor) else a)
+            for a in args
+        ]
+        fake = op(*fake_args)
+    return real, fake
+
+
+def _flat(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for o in out for t in _flat(o)]
+
+
+@pytest.mark.parametrize("activation", ["tanh", "gelu"])
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("mode", ["autograd", "adjoint", "adjoint_stored"])
+def test_fake_kernels_match_the_real_ops(activation, scheme, mode):
+    """Every fake kernel gives the shapes, dtypes and devices of the real op's outputs."""
+    lib, t = _ops.library(), _ops.table()
+    ids = (t.id("schemes", scheme), 0.25, 4, t.id("modes", mode))
+    f = fused.MLPStack(3, 5, 4, activation=activation, tied=True).double()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    p = (f.w1, f.b1, f.w2, None)
+    act = t.id("activations", activation)
+    c = fused.ConvStack(2, 4).double()
+    xc = torch.randn(2, 2, 3, 3, dtype=torch.float64)
+    params = [getattr(c, n) for n in fused._CONV_PARAMS]
+    running = [getattr(c, n).clone() for n in fused._CONV_BUFFERS]
+    conv_fwd = (xc, params, running, *ids[:3], True, True, 0.1, 1e-5, ids[3], True)
+    calls = [
+        (lib.mlp_forward, (x, *p, act, *ids, True)),
+        (lib.mlp_reverse, (x, *p, act, *ids[:3])),
+        (lib.conv_forward, conv_fwd),
+        (lib.conv_reverse, (xc, params, running, *ids[:3], True, 1e-5)),
+    ]
+    with torch.no_grad():
+        for op, args in calls:
+            real, fake = _fake_and_real(op, *args)
+            real, fake = _flat(real), _flat(fake)
+            assert len(real) == len(fake), op
+            for r, k in zip(real, fake):
+                assert (r.shape, r.dtype, r.device) == (k.shape, k.dtype, k.device), op
+        y, saved = lib.mlp_forward(x, *p, act, *ids, True)
+        g = torch.randn_like(y)
+        real, fake = _fake_and_real(lib.mlp_backward, g, y, saved, *p, act, *ids)
+        assert [r.shape for r in real] == [k.shape for k in fake]
+        y, saved, _, _ = lib.conv_forward(*conv_fwd)
+        args = (torch.randn_like(y), y, saved, params, running, *ids[:3], True, 1e-5, ids[3])
+        real, fake = _fake_and_real(lib.conv_backward, *args)
+        assert [r.shape for r in real] == [k.shape for k in fake]
+
+
+def test_op_table_agrees_with_the_python_side():
+    """The extension's table (csrc/table.h) and the Python definitions name the same things."""
+    t = _ops.table()
+    for s in t.raw["schemes"]:
+        scheme = resode.get_scheme(s["name"])
+        assert s["min_depth"] == scheme.min_depth
+        for depth in (2, 5):
+            assert depth - s["steps_offset"] == scheme.num_steps(depth)
+            assert s["evals_per_step"] == len(scheme.blocks_of_step(0))
+    modes = {m["name"] for m in t.raw["modes"]}
+    assert set(BACKWARD_MODES) <= modes and modes <= set(BACKWARD_MODES) | {"adjoint_stored"}
+    assert [a["name"] for a in t.raw["activations"]] == list(ACTIVATIONS)
+    conv = t.raw["conv"]
+    assert [p["name"].replace(".", "_") for p in conv["params"]] == list(fused._CONV_PARAMS)
+    assert [p["name"].replace(".", "_") for p in conv["running"]] == list(fused._CONV_BUFFERS)
+    assert [p["name"] for p in t.raw["mlp"]["params"]] == ["w1", "b1", "w2", "b2"]
+    with pytest.raises(ValueError, match="no mode 'checkpoint'"):
+        t.id("modes", "checkpoint")
+
+
+# ------------------------------------------------------------------------------ torch.compile
+def _train_step(stage, call, x, w):
+    xi = x.clone().requires_grad_(True)
+    y = call(xi)
+    (y * w).sum().backward()
+    grads = {n: p.grad.clone() for n, p in stage.named_parameters()}
+    return y.detach(), xi.grad, grads, {n: b.clone() for n, b in stage.named_buffers()}
+
+
+@pytest.mark.parametrize("backward", MODES)
+def test_torch_compile_matches_eager(backward):
+    """torch.compile(fullgraph=True, inductor) of both fused stages: the outputs, the input and
+    parameter gradients and the BatchNorm buffers equal eager mode's (float64). Once failed on the
+    conv stage's mutable schema (functionalization, issue 12). ~50 s for both modes on 2 busy
+    cores with an empty inductor cache, ~20 s with a warm one."""
+    import copy
+
+    stages = (
+        (fused.MLPStack(3, 5, 4, scheme="heun", backward=backward), (4, 3)),
+        (fused.ConvStack(2, 3, backward=backward, zero_init_last_bn=False), (3, 2, 4, 4)),
+    )
+    for eager, shape in stages:
+        eager = eager.double()
+        compiled = copy.deepcopy(eager)
+        fn = torch.compile(compiled, backend="inductor", fullgraph=True)
+        for _ in range(2):  # the second pass reuses the compiled graphs
+            x = torch.randn(*shape, dtype=torch.float64)
+            w = torch.randn(*shape, dtype=torch.float64)
+            ref = _train_step(eager, eager, x, w)
+            got = _train_step(compiled, fn, x, w)
+            _assert_close(got[0], ref[0], "compiled output")
+            _assert_close(got[1], ref[1], "compiled input grad")
+            for k in ref[2]:
+                _assert_close(got[2][k], ref[2][k], f"compiled grad {k}", atol=1e-13)
+            for k in ref[3]:
+                assert torch.equal(got[3][k], ref[3][k]), k
+            eager.zero_grad(), compiled.zero_grad()
+        assert eager.training and (shape[1] == 3 or eager.bn1_num_batches_tracked.sum() > 0)
+
+
+# ----------------------------------------------------------------------- errors, no extension
+def _run_child(code: str, **env: str) -> str:
+    """Run ``code`` in a fresh interpreter (with extra environment variables); it must exit 0
+    (a crash, e.g. a segfault, fails here) and print "ok". Returns its output."""
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        env=dict(os.environ, **env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, f"rc={r.returncode}\n{r.stdout}\n{r.stderr[-3000:]}"
+    assert "ok" in r.stdout, r.stdout
+    return r.stdout
+
+
+# Each op of resode._C called with a bad argument, in a fresh process: every call must raise a
+# Python exception whose message names the problem (not crash: issue 11, TORCH_CHECK failures
+# once segfaulted under torch 2.11). Prints "ok <op>" per op.
+_BAD_CALLS = r"""
+import torch
+from resode import _ops
+lib = _ops.library()
+d = dict(dtype=torch.float64)
+x, w1, w2 = torch.randn(2, 3, **d), torch.randn(1, 4, 3, **d), torch.randn(1, 3, 4, **d)
+xc = torch.randn(2, 2, 3, 3, **d)
+params = [torch.randn(1, 2, 2, 3, 3, **d), *[torch.randn(1, 2, **d) for _ in range(3)]] * 2
+running = [torch.zeros(1, 2, **d), torch.ones(1, 2, **d)] * 2
+v, c2, s = torch.randn(6, **d), torch.randn(2, **d), (0, 0.5, 1)  # scheme, h, depth
+bn = (True, True, 0.1, 1e-5)  # training, update_stats, momentum, eps
+cases = [  # (op, words the message must contain, arguments)
+    ("mlp_forward", "dtype", (x, w1, None, w2.float(), None, 0, *s, 0, False)),
+    ("mlp_backward", "stored tensors", (x, x, [], w1, None, w2, None, 0, *s, 0)),
+    ("mlp_reverse", "activation", (x, w1, None, w2, None, 9, *s)),
+    ("conv_forward", "parameter tensors", (xc, params[:7], running, *s, *bn, 0, False)),
+    ("conv_backward", "mode", (xc, xc, [], params, running, *s, True, 1e-5, 7)),
+    ("conv_reverse", "4-D", (x, params, running, *s, True, 1e-5)),
+    ("_act_forward", "elements", (v, v[:5], 0)),
+    ("_act_backward", "activation", (v, v, v, 5, 1.0)),
+    ("_axpby", "dtype", (v, v, 1.0, v.float(), 1.0)),
+    ("_heun_combine", "elements", (v, v, v, v[::2], 1.0)),
+    ("_add_row_bias", "bias", (x, x, v, 1.0)),
+    ("_batch_stats", "per-channel", (xc, None, None, 0.1, v, v)),
+    ("_bn_apply", "per-channel", (xc, c2, c2, c2, v, True, None, xc, None, 1.0)),
+    ("_bn_backward_reduce", "elements", (xc, x, xc, c2, c2)),
+    ("_bn_backward_apply", "dtype", (xc, None, xc, c2, c2, c2, c2, 1.0, True, xc.int())),
+]
+ops = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n[:8] == "resode::"}
+missing = ops - {c[0] for c in cases} - {"table", "has_cuda"}
+assert not missing, f"no bad-argument case for {sorted(missing)}"
+for name, words, args in cases:
+    try:
+        getattr(lib, name)(*args)
+    except Exception as e:
+        assert words in str(e), f"{name}: {type(e).__name__} does not mention {words!r}: {e}"
+        print("ok", name, flush=True)
+    else:
+        raise SystemExit(f"{name}: a bad call raised nothing")
+"""
+
+
+def test_every_op_raises_on_a_bad_argument():
+    """Each op called through torch.ops.resode with a bad argument raises a Python exception
+    naming the problem, in a child process (a crash would be a segfault there: issue 11)."""
+    out = _run_child(_BAD_CALLS)
+    assert out.count("ok ") == 15, out
+
+
+def test_fused_stage_without_the_extension_says_what_to_do():
+    """RESODE_DISABLE_EXTENSION=1: fused stages build, convert and load state dicts, and running
+    one raises one clear error naming the cause and the ways out (no warning)."""
+    code = (
+        "import warnings, torch\n"
+        "warnings.simplefilter('error')\n"
+        "from resode import fused\n"
+        "f = fused.MLPStack(4, 5, 3)\n"
+        "g = f.to_generic()\n"
+        "x = torch.randn(2, 4)\n"
+        "assert g(x).shape == x.shape and g.depth == 3\n"
+        "c = fused.ConvStack(2, 2)\n"
+        "c.load_state_dict(fused.ConvStack.from_generic(c.to_generic()).state_dict())\n"
+        "for call in (lambda: f(x), lambda: f.reverse(x), lambda: c(torch.randn(1, 2, 3, 3))):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except RuntimeError as e:\n"
+        "        m = str(e)\n"
+        "        assert 'RESODE_DISABLE_EXTENSION' in m and 'to_generic()' in m, m\n"
+        "        assert 'pip install' in m, m\n"
+        "    else:\n"
+        "        raise SystemExit('no error')\n"
+        "print('ok')\n"
+    )
+    _run_child(code, RESODE_DISABLE_EXTENSION="1")
 
 
 def test_disabled_extension_reports_why():
@@ -390,18 +661,14 @@ def test_disabled_extension_reports_why():
         "assert not f.available_for('cpu')\n"
         "print('ok')\n"
     )
-    env = dict(os.environ, RESODE_DISABLE_EXTENSION="1")
-    r = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+    _run_child(code, RESODE_DISABLE_EXTENSION="1")
 
 
 def test_direct_op_call_with_parameters_that_require_grad():
     """The ops run below autograd: calling them directly with trainable parameters works."""
-    ops = _ext.ops()
+    ops = _ops.library()
     f = fused.MLPStack(4, 5, 3).double()
     x = torch.randn(2, 4, dtype=torch.float64)
-    out, _ = ops.mlp_forward(x, f.w1, f.b1, f.w2, f.b2, 0, 0, 1 / 3, 3, False)
+    out, _ = ops.mlp_forward(x, f.w1, f.b1, f.w2, f.b2, 0, 0, 1 / 3, 3, 0, False)
     with torch.no_grad():
         torch.testing.assert_close(out, f(x), rtol=1e-12, atol=1e-12)

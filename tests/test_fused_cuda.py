@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-from resode import _ext, fused
+from resode import _ext, _ops, fused
 
 pytestmark = pytest.mark.cuda
 
@@ -172,11 +172,54 @@ def test_cuda_bad_device_mix():
     f = fused.MLPStack(4, 4, 3).cuda()
     with pytest.raises(ValueError, match="cuda"):
         f(torch.randn(2, 4))
-    out, _ = torch.ops.resode.mlp_forward(
-        torch.randn(2, 4, device="cuda"), f.w1, f.b1, f.w2, f.b2, 0, 0, 0.3, 3, False
+    ops = _ops.library()
+    out, _ = ops.mlp_forward(
+        torch.randn(2, 4, device="cuda"), f.w1, f.b1, f.w2, f.b2, 0, 0, 0.3, 3, 0, False
     )
     assert out.is_cuda
     with pytest.raises((TypeError, RuntimeError), match="device|cuda|cpu"):
-        torch.ops.resode.mlp_forward(
-            torch.randn(2, 4, device="cuda"), f.w1.cpu(), None, f.w2, None, 0, 0, 0.3, 3, False
+        ops.mlp_forward(
+            torch.randn(2, 4, device="cuda"), f.w1.cpu(), None, f.w2, None, 0, 0, 0.3, 3, 0, False
         )
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_reverse_cuda(scheme):
+    """reverse() on the GPU = the generic reverse (float32, 1e-4 relative); BN stats untouched."""
+    for f, shape in (
+        (fused.MLPStack(16, 32, 8, activation="gelu", scheme=scheme).cuda(), (32, 16)),
+        (fused.ConvStack(8, 4, scheme=scheme).cuda(), (8, 8, 6, 6)),
+    ):
+        if isinstance(f, fused.ConvStack):
+            with torch.no_grad():
+                f.bn2_weight.uniform_(0.5, 1.5)
+        buffers = {k: v.clone() for k, v in f.state_dict().items()}
+        y = torch.randn(*shape, device="cuda")
+        xf, xg = f.reverse(y), f.to_generic().reverse(y)
+        assert _rel(xf, xg) < 1e-4
+        assert all(torch.equal(v, buffers[k]) for k, v in f.state_dict().items())
+
+
+@pytest.mark.parametrize("backward", MODES)
+def test_torch_compile_cuda(backward):
+    """torch.compile (inductor, fullgraph) of both fused stages on the GPU: outputs, input and
+    parameter gradients and BN buffers match eager mode (float32, 1e-5 relative)."""
+    import copy
+
+    for eager, shape in (
+        (fused.MLPStack(16, 32, 6, scheme="heun", backward=backward).cuda(), (32, 16)),
+        (fused.ConvStack(8, 3, backward=backward, zero_init_last_bn=False).cuda(), (8, 8, 6, 6)),
+    ):
+        compiled = copy.deepcopy(eager)
+        fn = torch.compile(compiled, fullgraph=True)
+        x = torch.randn(*shape, device="cuda")
+        w = torch.randn(*shape, device="cuda")
+        y_ref, gx_ref = _step(eager, x, w)
+        y, gx = _step(fn, x, w)  # the compiled module (parameters shared with `compiled`)
+        assert _rel(y, y_ref) < 1e-5 and _rel(gx, gx_ref) < 1e-5
+        for (name, p), q in zip(compiled.named_parameters(), eager.parameters()):
+            err = float((p.grad - q.grad).norm())
+            assert err <= 1e-5 * float(q.grad.norm()) + 1e-7, name
+        for (name, b), c in zip(compiled.named_buffers(), eager.buffers()):
+            same = _rel(b, c) < 1e-5 if b.is_floating_point() else torch.equal(b, c)
+            assert same, name

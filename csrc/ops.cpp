@@ -1,0 +1,257 @@
+// The ops of resode._C (TORCH_LIBRARY(resode, m)): one forward, one backward and one reverse op
+// per block, the table of the op interface, and has_cuda. Every schema is functional (no input
+// is mutated or aliased by an output), so torch.compile can functionalize and trace them. The same depth loops (loops.h) serve
+// the CPU and the CUDA dispatch keys; the elementwise kernels they call dispatch on their own
+// (kernels.h). Python side: resode/_ops.py (wrappers, fake kernels, autograd formulas);
+// docs/design.md, "The extension".
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+#include <Python.h>
+
+#include <cmath>
+#include <sstream>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "blocks.h"
+#include "loops.h"
+#include "table.h"
+
+namespace resode {
+namespace {
+
+// The prologue of every op: device guard, ATen calls below autograd (the ops are
+// differentiated by the formulas registered from Python, resode/_ops.py, and must not record
+// autograd history even when called directly with tensors that require grad), and the checks
+// common to all ops.
+struct OpScope {
+  c10::OptionalDeviceGuard device;
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+
+  OpScope(const char* op, const Tensor& x, int64_t scheme, double h, int64_t depth)
+      : device(x.device()) {
+    const SchemeInfo* s = find_id(kSchemes, scheme);
+    TORCH_CHECK_VALUE(s != nullptr, "resode::", op, ": unknown scheme id ", scheme,
+                      " (see resode::table())");
+    TORCH_CHECK_VALUE(depth >= s->min_depth, "resode::", op, ": scheme ", s->name, " needs depth >= ",
+                      s->min_depth, ", got ", depth);
+    TORCH_CHECK_VALUE(std::isfinite(h), "resode::", op, ": step h must be finite, got ", h);
+    const auto dt = x.scalar_type();
+    if (x.is_cuda()) {
+      TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16, "resode::",
+                       op, ": CUDA fused stages support float32, float64 and bfloat16, got ", dt);
+    } else {
+      TORCH_CHECK_TYPE(x.device().is_cpu(), "resode::", op, ": unsupported device ", x.device());
+      TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble, "resode::", op,
+                       ": CPU fused stages support float32 and float64, got ", dt);
+    }
+  }
+};
+
+bool stores_contexts(const char* op, int64_t mode) {
+  const ModeInfo* m = find_id(kModes, mode);
+  TORCH_CHECK_VALUE(m != nullptr, "resode::", op, ": unknown backward mode id ", mode,
+                    " (see resode::table())");
+  return m->stores_contexts;
+}
+
+// ---------------------------------------------------------------------------------------------
+// MLP stage
+std::tuple<Tensor, std::vector<Tensor>> mlp_forward(const Tensor& x_, const Tensor& w1,
+                                                    const OptTensor& b1, const Tensor& w2,
+                                                    const OptTensor& b2, int64_t act,
+                                                    int64_t scheme, double h, int64_t depth,
+                                                    int64_t mode, bool save) {
+  OpScope scope("mlp_forward", x_, scheme, h, depth);
+  const Tensor x = x_.contiguous();
+  MLPBlock blk(x, w1, b1, w2, b2, act, depth);
+  save = stores_contexts("mlp_forward", mode) && save;
+  return forward_loop(blk, x, scheme, h, depth, save, /*update_stats=*/false);
+}
+
+std::vector<Tensor> mlp_backward(const Tensor& grad_, const Tensor& out, at::TensorList saved,
+                                 const Tensor& w1, const OptTensor& b1, const Tensor& w2,
+                                 const OptTensor& b2, int64_t act, int64_t scheme, double h,
+                                 int64_t depth, int64_t mode) {
+  OpScope scope("mlp_backward", grad_, scheme, h, depth);
+  const Tensor grad = grad_.contiguous();
+  MLPBlock blk(grad, w1, b1, w2, b2, act, depth);
+  return run_backward(blk, grad, out, saved, scheme, h, depth, mode);
+}
+
+Tensor mlp_reverse(const Tensor& y_, const Tensor& w1, const OptTensor& b1, const Tensor& w2,
+                   const OptTensor& b2, int64_t act, int64_t scheme, double h, int64_t depth) {
+  OpScope scope("mlp_reverse", y_, scheme, h, depth);
+  const Tensor y = y_.contiguous();
+  MLPBlock blk(y, w1, b1, w2, b2, act, depth);
+  return reverse_loop(blk, y, scheme, h, depth);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conv stage
+// The schema is functional (torch.compile can trace it): the running statistics are not
+// updated in place; in training mode (update_stats) their updated values come back as new
+// tensors, which the caller stores (resode/_ops.py), with the number of updates per block
+// (for num_batches_tracked).
+std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, Tensor> conv_forward(
+    const Tensor& x_, at::TensorList params, at::TensorList running, int64_t scheme, double h,
+    int64_t depth, bool training, bool update_stats, double momentum, double eps, int64_t mode,
+    bool save) {
+  OpScope scope("conv_forward", x_, scheme, h, depth);
+  const Tensor x = x_.contiguous();
+  const bool update = update_stats && training;
+  std::vector<Tensor> new_running;
+  if (update) {
+    for (const Tensor& r : running) new_running.push_back(r.clone(at::MemoryFormat::Contiguous));
+  }
+  ConvBlock blk(x, params, update ? at::TensorList(new_running) : running, training, momentum,
+                eps, depth);
+  save = stores_contexts("conv_forward", mode) && save;
+  auto [y, store] = forward_loop(blk, x, scheme, h, depth, save, update);
+  Tensor counts = at::tensor(blk.counts, at::TensorOptions().dtype(at::kLong)).to(x.device());
+  return {y, store, new_running, counts};
+}
+
+std::vector<Tensor> conv_backward(const Tensor& grad_, const Tensor& out, at::TensorList saved,
+                                  at::TensorList params, at::TensorList running, int64_t scheme,
+                                  double h, int64_t depth, bool training, double eps,
+                                  int64_t mode) {
+  OpScope scope("conv_backward", grad_, scheme, h, depth);
+  const Tensor grad = grad_.contiguous();
+  ConvBlock blk(grad, params, running, training, 0.0, eps, depth);
+  return run_backward(blk, grad, out, saved, scheme, h, depth, mode);
+}
+
+Tensor conv_reverse(const Tensor& y_, at::TensorList params, at::TensorList running,
+                    int64_t scheme, double h, int64_t depth, bool training, double eps) {
+  OpScope scope("conv_reverse", y_, scheme, h, depth);
+  const Tensor y = y_.contiguous();
+  ConvBlock blk(y, params, running, training, 0.0, eps, depth);
+  return reverse_loop(blk, y, scheme, h, depth);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The table of table.h as JSON (read once by resode/_ops.py).
+template <class T, size_t N, class F>
+void json_list(std::ostringstream& o, const char* key, const T (&items)[N], F item) {
+  o << '"' << key << "\": [";
+  for (size_t i = 0; i < N; ++i) {
+    o << (i ? ", " : "") << '{';
+    item(items[i]);
+    o << '}';
+  }
+  o << ']';
+}
+
+std::string table_json() {
+  std::ostringstream o;
+  auto b = [](bool v) { return v ? "true" : "false"; };
+  auto store = [&](const StoreGroup& g) {
+    o << "\"name\": \"" << g.name << "\", \"shape\": \"" << g.shape << "\", \"dtype\": \""
+      << g.dtype << "\", \"stacked\": " << b(g.stacked) << ", \"only_if\": \"" << g.only_if
+      << '"';
+  };
+  auto param = [&](const ParamInfo& p) {
+    o << "\"name\": \"" << p.name << "\", \"shape\": \"" << p.shape << '"';
+  };
+  o << '{';
+  json_list(o, "schemes", kSchemes, [&](const SchemeInfo& s) {
+    o << "\"name\": \"" << s.name << "\", \"id\": " << s.id
+      << ", \"steps_offset\": " << s.steps_offset << ", \"evals_per_step\": " << s.evals_per_step
+      << ", \"min_depth\": " << s.min_depth;
+  });
+  o << ", ";
+  json_list(o, "modes", kModes, [&](const ModeInfo& m) {
+    o << "\"name\": \"" << m.name << "\", \"id\": " << m.id
+      << ", \"stores_contexts\": " << b(m.stores_contexts)
+      << ", \"needs_output\": " << b(m.needs_output);
+  });
+  o << ", ";
+  json_list(o, "activations", kActivations, [&](const ActivationInfo& a) {
+    o << "\"name\": \"" << a.name << "\", \"id\": " << a.id
+      << ", \"needs_preactivation\": " << b(a.needs_preactivation);
+  });
+  o << ", \"acc_dtype\": {";  // dtype of the per-channel statistics (store dtype "acc")
+  const at::ScalarType dtypes[] = {at::kFloat, at::kDouble, at::kBFloat16};
+  for (size_t i = 0; i < 3; ++i) {
+    o << (i ? ", " : "") << '"' << at::toString(dtypes[i]) << "\": \""
+      << at::toString(acc_dtype(dtypes[i])) << '"';
+  }
+  o << '}';
+  o << ", \"mlp\": {";
+  json_list(o, "store", kMLPStore, store);
+  o << ", ";
+  json_list(o, "params", kMLPParams, param);
+  o << "}, \"conv\": {";
+  json_list(o, "store", kConvStore, store);
+  o << ", ";
+  json_list(o, "params", kConvParams, param);
+  o << ", ";
+  json_list(o, "running", kConvRunning, param);
+  o << "}}";
+  return o.str();
+}
+
+bool has_cuda() {
+#ifdef WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(resode, m) {
+  m.def(
+      "mlp_forward(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, int act, int scheme, "
+      "float h, int depth, int mode, bool save) -> (Tensor, Tensor[])");
+  m.def(
+      "mlp_backward(Tensor grad, Tensor out, Tensor[] saved, Tensor w1, Tensor? b1, Tensor w2, "
+      "Tensor? b2, int act, int scheme, float h, int depth, int mode) -> Tensor[]");
+  m.def(
+      "mlp_reverse(Tensor y, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, int act, int scheme, "
+      "float h, int depth) -> Tensor");
+  m.def(
+      "conv_forward(Tensor x, Tensor[] params, Tensor[] running, int scheme, float h, "
+      "int depth, bool training, bool update_stats, float momentum, float eps, int mode, "
+      "bool save) -> (Tensor, Tensor[], Tensor[], Tensor)");
+  m.def(
+      "conv_backward(Tensor grad, Tensor out, Tensor[] saved, Tensor[] params, Tensor[] running, "
+      "int scheme, float h, int depth, bool training, float eps, int mode) -> Tensor[]");
+  m.def(
+      "conv_reverse(Tensor y, Tensor[] params, Tensor[] running, int scheme, float h, int depth, "
+      "bool training, float eps) -> Tensor");
+  m.def("table() -> str", &table_json);
+  m.def("has_cuda() -> bool", &has_cuda);
+}
+
+// The loops are device-agnostic: the same functions serve both dispatch keys.
+#define RESODE_IMPL_OPS(m)                     \
+  m.impl("mlp_forward", &mlp_forward);         \
+  m.impl("mlp_backward", &mlp_backward);       \
+  m.impl("mlp_reverse", &mlp_reverse);         \
+  m.impl("conv_forward", &conv_forward);       \
+  m.impl("conv_backward", &conv_backward);     \
+  m.impl("conv_reverse", &conv_reverse)
+
+TORCH_LIBRARY_IMPL(resode, CPU, m) { RESODE_IMPL_OPS(m); }
+
+#ifdef WITH_CUDA
+TORCH_LIBRARY_IMPL(resode, CUDA, m) { RESODE_IMPL_OPS(m); }
+#endif
+
+}  // namespace resode
+
+// A Python module so that `import resode._C` loads the library (and registers the ops).
+#ifndef RESODE_NO_PYINIT
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+#endif
