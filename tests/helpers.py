@@ -59,10 +59,14 @@ def flat_rel(ga, gb) -> float:
     return rel(a, b)
 
 
-def conv_adjoint_peak_mib(depth: int, batch: int = 64, channels: int = 8, size: int = 8) -> float:
+def conv_adjoint_peak_mib(
+    depth: int, batch: int = 64, channels: int = 8, size: int = 8, train_params: bool = True
+) -> tuple[float, float]:
     """Peak process memory (MiB, :class:`resode.utils.PeakMemory`) of one forward and backward of
     a generic conv-BN stage of ``depth`` blocks with ``backward="adjoint"`` (float32, training
-    mode). Run it in a fresh process (:func:`resode.utils.run_in_child`)."""
+    mode), and the MiB of the parameter gradients it returns. ``train_params=False`` freezes
+    the parameters (only the input gets a gradient). Run it in a fresh process
+    (:func:`resode.utils.run_in_child`)."""
     import resode
     from resode.models.blocks import conv_block
     from resode.utils import PeakMemory
@@ -70,7 +74,9 @@ def conv_adjoint_peak_mib(depth: int, batch: int = 64, channels: int = 8, size: 
     torch.manual_seed(0)
     stack = resode.ResidualStack.from_factory(lambda: conv_block(channels), depth)
     stack.backward = "adjoint"
+    stack.requires_grad_(train_params)
     x = torch.randn(batch, channels, size, size, requires_grad=True)
     with PeakMemory("cpu") as pm:
         stack.train()(x).square().sum().backward()
-    return pm.peak_bytes / 2**20
+    grads = sum(p.grad.nbytes for p in stack.parameters() if p.grad is not None)
+    return pm.peak_bytes / 2**20, grads / 2**20
