@@ -72,13 +72,9 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`resode.train.train` (tensors on the CPU).
-
-    Raises:
-        CheckpointError: the file is missing, empty, truncated or garbage, is not a resode
-            training checkpoint, or lacks one of :data:`REQUIRED_KEYS`.
-    """
+def read_file(path: str | os.PathLike) -> Any:
+    """``torch.load`` of ``path`` on the CPU, every failure a :class:`CheckpointError` naming the
+    file (missing, empty, truncated, garbage). No check of what the file holds."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
@@ -88,13 +84,23 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if path.stat().st_size == 0:
         raise CheckpointError(path, "the file is empty (a write was interrupted?)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated zip, garbage bytes, unpickling errors, ...
         first = (str(e).strip().splitlines() or [""])[0].split(". ")[0]  # torch's first sentence
         raise CheckpointError(
             path, f"torch.load failed ({type(e).__name__}: {first}); the file is truncated or "
             "not a checkpoint"
         ) from e  # fmt: skip
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`resode.train.train` (tensors on the CPU).
+
+    Raises:
+        CheckpointError: the file is missing, empty, truncated or garbage, is not a resode
+            training checkpoint, or lacks one of :data:`REQUIRED_KEYS`.
+    """
+    ckpt = read_file(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(path, f"not a resode training checkpoint ({CHECKPOINT_FORMAT})")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]

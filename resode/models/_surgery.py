@@ -136,7 +136,10 @@ def read_model_state(obj: Any) -> tuple[dict[str, torch.Tensor], ModelConfig | N
     """``(state dict, model config or None)`` of a checkpoint path, a checkpoint dict (with
     ``"model"`` and ``"model_config"``, as :mod:`resode.train` writes them) or a state dict."""
     if isinstance(obj, (str, os.PathLike)):
-        obj = torch.load(obj, map_location="cpu", weights_only=False)
+        # lazy: resode.checkpoint imports resode.models (rebuilds models from their configs)
+        from ..checkpoint import read_file
+
+        obj = read_file(obj)
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         cfg = obj.get("model_config")
         return obj["model"], (ModelConfig.from_dict(cfg) if cfg else None)
