@@ -899,6 +899,62 @@ def test_direct_op_call_with_parameters_that_require_grad():
     assert report.shape == (3,) and report[2] == 0 and 0 < report[0] < 1.0
 
 
+# -------------------------------------------------------- engine="auto" without the extension
+_AUTO_ENGINE = r"""
+import sys, warnings
+{setup}
+import torch
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("{filter}")
+    import resode
+    from resode.stack import ResidualStack
+    {patch}
+    for _ in range(3):
+        model = resode.models.create("tiny_resnet", depth=2, channels=2, engine="auto")
+        assert type(model.layer1) is ResidualStack, type(model.layer1)
+mine = [w for w in caught if issubclass(w.category, RuntimeWarning) and "resode" in str(w.message)]
+print("warnings", len(mine), [str(w.message)[:600] for w in mine])
+print("ok")
+"""
+
+
+@pytest.mark.parametrize(
+    "case,expected",
+    [("disabled", 0), ("load fails", 1), ("no CUDA kernels", 1)],
+)
+def test_auto_engine_warns_once_when_the_extension_cannot_run(case, expected):
+    """engine="auto" falls back to the generic engine with exactly one warning (three models
+    built), and silently when RESODE_DISABLE_EXTENSION=1 turned the extension off."""
+    setup, patch, env, filt = "", "", {}, "always"
+    if case == "disabled":
+        env = dict(RESODE_DISABLE_EXTENSION="1")
+    elif case == "load fails":
+        setup = "sys.modules['resode._C'] = None  # the prebuilt library cannot be imported"
+        env = dict(RESODE_NO_JIT="1")
+    else:  # a GPU is visible, the extension has no kernels for it
+        patch = (
+            "torch.cuda.is_available = lambda: True\n"
+            "    resode.fused.available_for = lambda d='cpu': torch.device(d).type == 'cpu'"
+        )
+        filt = "default"  # Python's default filter: a repeated warning is shown once
+    code = _AUTO_ENGINE.format(setup=setup, patch=patch, filter=filt)
+    out = _run_child(code, **env)
+    assert f"warnings {expected} " in out, out
+    if case == "no CUDA kernels":
+        assert "engine='generic'" in out and "CUDA" in out, out
+
+
+def test_auto_engine_does_not_hide_errors(monkeypatch):
+    """An error while building the fused stage is a bug: it propagates (no blanket except)."""
+
+    def broken(stack):
+        raise ValueError("broken from_generic")
+
+    monkeypatch.setattr(fused.ConvStack, "from_generic", broken)
+    with pytest.raises(ValueError, match="broken from_generic"):
+        resode.models.create("tiny_resnet", depth=2, channels=2, engine="auto")
+
+
 def test_paper_code_mode_runs_eagerly_under_torch_compile():
     """adjoint_paper_code's eval-mode switch is a side effect: the stage runs eagerly behind a
     graph break (no fullgraph), and the switch still happens."""
