@@ -286,6 +286,25 @@ def test_auto_on_a_non_ode_stage_returns_exact_gradients(make):
     assert r.mode == "auto" and r.exact and r.fell_back and r.drift > r.tol == 1e-2
 
 
+def test_sqdist_max_kernel():
+    """The drift check's reduction: acc = max(acc, sum((a - b)^2)) (summed in float64 on the
+    CPU), nan kept."""
+    lib = _ops.library()
+    for dtype in (torch.float32, torch.float64):
+        a, b = torch.randn(100_003, dtype=dtype), torch.randn(100_003, dtype=dtype)
+        acc = torch.zeros(1, dtype=dtype)
+        lib._sqdist_max(a, b, acc)
+        ref = (a.double() - b.double()).square().sum()
+        assert abs(float(acc) - float(ref)) <= 1e-6 * float(ref)
+        first = acc.clone()
+        lib._sqdist_max(a[:10], b[:10], acc)
+        assert torch.equal(acc, first)
+        lib._sqdist_max(torch.full_like(a, float("nan")), b, acc)
+        assert torch.isnan(acc).all()
+        lib._sqdist_max(a, b, acc)
+        assert torch.isnan(acc).all()
+
+
 def test_refine_shrinks_the_fused_adjoint_error():
     """Euler, depth-smooth weights: refine=2 is >= 10x more accurate than refine=0 (the
     generic engine's slopes are tested in test_adjoint_trust.py; the parity tests above tie the
