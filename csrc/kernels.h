@@ -70,7 +70,11 @@ using OptTensor = std::optional<Tensor>;
      bool training, const Tensor& gx),                                                         \
     (go, mask, xhat, gamma, invstd, sum_go, sum_goxhat, scale, training, gx),                  \
     "(Tensor go, Tensor? mask, Tensor xhat, Tensor gamma, Tensor invstd, Tensor sum_go, "      \
-    "Tensor sum_goxhat, float scale, bool training, Tensor(a!) gx) -> ()")
+    "Tensor sum_goxhat, float scale, bool training, Tensor(a!) gx) -> ()")                     \
+  /* acc[0] = max(acc[0], sum((a - b)^2)), summed in the acc dtype or wider; acc: (1,) of   */ \
+  /* the acc dtype (the adjoint's per-step consistency check, loops.h)                      */ \
+  X(sqdist_max, (const Tensor& a, const Tensor& b, const Tensor& acc), (a, b, acc),            \
+    "(Tensor a, Tensor b, Tensor(a!) acc) -> ()")
 
 // The calls used by the depth loops (kernels.cpp): kernels::axpby(out, x, alpha, y, beta), ...
 namespace kernels {
@@ -119,6 +123,15 @@ void channels_of(const char* op, const Tensor& u, at::ScalarType dtype, const Ts
   };
   (void)one;
   (one(ts), ...);
+}
+
+// acc is a (1,) tensor of a's acc dtype on a's device.
+inline void accumulator(const char* op, const Tensor& a, const Tensor& acc) {
+  TORCH_CHECK_VALUE(acc.is_contiguous() && acc.numel() == 1 && acc.device() == a.device() &&
+                        acc.scalar_type() == acc_dtype(a.scalar_type()),
+                    "resode::_", op, ": the accumulator must be a contiguous (1,) ",
+                    acc_dtype(a.scalar_type()), " tensor on ", a.device(), "; got ", acc.sizes(),
+                    " ", acc.scalar_type(), " on ", acc.device());
 }
 
 inline void activation(const char* op, int64_t act) {

@@ -370,6 +370,31 @@ void bn_backward_apply(const Tensor& go, const OptTensor& mask, const Tensor& xh
   });
 }
 
+void sqdist_max(const Tensor& a, const Tensor& b, const Tensor& acc) {
+  check::same_as("sqdist_max", a, b);
+  check_cpu_dtype("sqdist_max", a);
+  check::accumulator("sqdist_max", a, acc);
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "resode_sqdist_max", [&] {
+    const scalar_t* ap = a.data_ptr<scalar_t>();
+    const scalar_t* bp = b.data_ptr<scalar_t>();
+    const double s = at::parallel_reduce(
+        0, a.numel(), kGrain, 0.0,
+        [&](int64_t lo, int64_t hi, double init) {
+          double r = 0.0;
+_Pragma("omp simd reduction(+ : r)")
+          for (int64_t i = lo; i < hi; ++i) {
+            const double d = static_cast<double>(ap[i]) - static_cast<double>(bp[i]);
+            r += d * d;
+          }
+          return init + r;
+        },
+        [](double x, double y) { return x + y; });
+    scalar_t* out = acc.data_ptr<scalar_t>();  // acc dtype == scalar_t on the CPU
+    const scalar_t v = static_cast<scalar_t>(s);
+    if (std::isnan(v) || v > out[0]) out[0] = v;  // nan propagates (as torch.maximum)
+  });
+}
+
 }  // namespace cpu
 
 TORCH_LIBRARY_IMPL(resode, CPU, m) {

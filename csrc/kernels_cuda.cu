@@ -229,6 +229,35 @@ __global__ void bn_backward_apply_kernel(const scalar_t* go, const scalar_t* mas
   }
 }
 
+// sum((a - b)^2): one partial sum per block (grid-stride), then sqdist_finish_kernel adds
+// them in a fixed order (deterministic) and takes the max with acc[0].
+constexpr int kMaxPartials = 1024;
+
+template <typename scalar_t, typename acc_t>
+__global__ void sqdist_partial_kernel(const scalar_t* __restrict__ a,
+                                      const scalar_t* __restrict__ b, acc_t* __restrict__ partial,
+                                      int64_t n) {
+  __shared__ acc_t sh[kThreads];
+  acc_t s = 0;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+       i += (int64_t)blockDim.x * gridDim.x) {
+    const acc_t d = static_cast<acc_t>(a[i]) - static_cast<acc_t>(b[i]);
+    s += d * d;
+  }
+  s = block_sum(s, sh);
+  if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}
+
+template <typename acc_t>
+__global__ void sqdist_finish_kernel(const acc_t* __restrict__ partial, int nparts,
+                                     acc_t* __restrict__ acc) {
+  __shared__ acc_t sh[kThreads];
+  acc_t s = 0;
+  for (int i = threadIdx.x; i < nparts; i += kThreads) s += partial[i];
+  s = block_sum(s, sh);
+  if (threadIdx.x == 0 && (isnan(s) || s > acc[0])) acc[0] = s;  // nan propagates
+}
+
 template <typename T>
 const T* opt_ptr(const OptTensor& t) {
   const Tensor* p = check::get(t);
@@ -409,6 +438,25 @@ void bn_backward_apply(const Tensor& go, const OptTensor& mask, const Tensor& xh
         gamma.data_ptr<scalar_t>(), invstd.data_ptr<acc_t>(), sum_go.data_ptr<acc_t>(),
         sum_goxhat.data_ptr<acc_t>(), static_cast<acc_t>(scale), training,
         gx.data_ptr<scalar_t>(), n, C, HW, acc_t(1) / static_cast<acc_t>(B * HW));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void sqdist_max(const Tensor& a, const Tensor& b, const Tensor& acc) {
+  check::same_as("sqdist_max", a, b);
+  check_cuda_dtype("sqdist_max", a);
+  check::accumulator("sqdist_max", a, acc);
+  const int64_t n = a.numel();
+  if (n == 0) return;
+  const int parts = std::min(blocks_for(n), kMaxPartials);
+  RESODE_CUDA_DISPATCH(a.scalar_type(), "resode_sqdist_max_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;  // == acc_dtype (float for bfloat16)
+    Tensor partial = at::empty({parts}, acc.options());
+    sqdist_partial_kernel<scalar_t, acc_t><<<parts, kThreads, 0, stream()>>>(
+        a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), partial.data_ptr<acc_t>(), n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    sqdist_finish_kernel<acc_t><<<1, kThreads, 0, stream()>>>(partial.data_ptr<acc_t>(), parts,
+                                                              acc.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -51,6 +51,10 @@ struct OpScope {
   }
 };
 
+void check_refine(const char* op, int64_t refine) {
+  TORCH_CHECK_VALUE(refine >= 0, "resode::", op, ": refine must be >= 0, got ", refine);
+}
+
 bool stores_contexts(const char* op, int64_t mode) {
   const ModeInfo* m = find_id(kModes, mode);
   TORCH_CHECK_VALUE(m != nullptr, "resode::", op, ": unknown backward mode id ", mode,
@@ -72,22 +76,24 @@ std::tuple<Tensor, std::vector<Tensor>> mlp_forward(const Tensor& x_, const Tens
   return forward_loop(blk, x, scheme, h, depth, save, /*update_stats=*/false);
 }
 
-std::vector<Tensor> mlp_backward(const Tensor& grad_, const Tensor& out, at::TensorList saved,
-                                 const Tensor& w1, const OptTensor& b1, const Tensor& w2,
-                                 const OptTensor& b2, int64_t act, int64_t scheme, double h,
-                                 int64_t depth, int64_t mode) {
+std::tuple<std::vector<Tensor>, Tensor> mlp_backward(
+    const Tensor& grad_, const Tensor& out, const Tensor& x0, at::TensorList saved,
+    const Tensor& w1, const OptTensor& b1, const Tensor& w2, const OptTensor& b2, int64_t act,
+    int64_t scheme, double h, int64_t depth, int64_t mode, int64_t refine, double tol) {
   OpScope scope("mlp_backward", grad_, scheme, h, depth);
   const Tensor grad = grad_.contiguous();
   MLPBlock blk(grad, w1, b1, w2, b2, act, depth);
-  return run_backward(blk, grad, out, saved, scheme, h, depth, mode);
+  return run_backward(blk, grad, out, x0, saved, scheme, h, depth, mode, refine, tol);
 }
 
 Tensor mlp_reverse(const Tensor& y_, const Tensor& w1, const OptTensor& b1, const Tensor& w2,
-                   const OptTensor& b2, int64_t act, int64_t scheme, double h, int64_t depth) {
+                   const OptTensor& b2, int64_t act, int64_t scheme, double h, int64_t depth,
+                   int64_t refine) {
   OpScope scope("mlp_reverse", y_, scheme, h, depth);
+  check_refine("mlp_reverse", refine);
   const Tensor y = y_.contiguous();
   MLPBlock blk(y, w1, b1, w2, b2, act, depth);
-  return reverse_loop(blk, y, scheme, h, depth);
+  return reverse_loop(blk, y, scheme, h, depth, refine);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -115,22 +121,26 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, Tensor> conv_forwar
   return {y, store, new_running, counts};
 }
 
-std::vector<Tensor> conv_backward(const Tensor& grad_, const Tensor& out, at::TensorList saved,
-                                  at::TensorList params, at::TensorList running, int64_t scheme,
-                                  double h, int64_t depth, bool training, double eps,
-                                  int64_t mode) {
+// `training`: batch statistics in the backward's recomputations (the forward's rule), or the
+// running statistics (eval mode; also the paper code's adjoint, resode/_ops.py).
+std::tuple<std::vector<Tensor>, Tensor> conv_backward(
+    const Tensor& grad_, const Tensor& out, const Tensor& x0, at::TensorList saved,
+    at::TensorList params, at::TensorList running, int64_t scheme, double h, int64_t depth,
+    bool training, double eps, int64_t mode, int64_t refine, double tol) {
   OpScope scope("conv_backward", grad_, scheme, h, depth);
   const Tensor grad = grad_.contiguous();
   ConvBlock blk(grad, params, running, training, 0.0, eps, depth);
-  return run_backward(blk, grad, out, saved, scheme, h, depth, mode);
+  return run_backward(blk, grad, out, x0, saved, scheme, h, depth, mode, refine, tol);
 }
 
 Tensor conv_reverse(const Tensor& y_, at::TensorList params, at::TensorList running,
-                    int64_t scheme, double h, int64_t depth, bool training, double eps) {
+                    int64_t scheme, double h, int64_t depth, bool training, double eps,
+                    int64_t refine) {
   OpScope scope("conv_reverse", y_, scheme, h, depth);
+  check_refine("conv_reverse", refine);
   const Tensor y = y_.contiguous();
   ConvBlock blk(y, params, running, training, 0.0, eps, depth);
-  return reverse_loop(blk, y, scheme, h, depth);
+  return reverse_loop(blk, y, scheme, h, depth, refine);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -167,7 +177,7 @@ std::string table_json() {
   json_list(o, "modes", kModes, [&](const ModeInfo& m) {
     o << "\"name\": \"" << m.name << "\", \"id\": " << m.id
       << ", \"stores_contexts\": " << b(m.stores_contexts)
-      << ", \"needs_output\": " << b(m.needs_output);
+      << ", \"needs_output\": " << b(m.needs_output) << ", \"falls_back\": " << b(m.falls_back);
   });
   o << ", ";
   json_list(o, "activations", kActivations, [&](const ActivationInfo& a) {
@@ -210,21 +220,23 @@ TORCH_LIBRARY(resode, m) {
       "mlp_forward(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, int act, int scheme, "
       "float h, int depth, int mode, bool save) -> (Tensor, Tensor[])");
   m.def(
-      "mlp_backward(Tensor grad, Tensor out, Tensor[] saved, Tensor w1, Tensor? b1, Tensor w2, "
-      "Tensor? b2, int act, int scheme, float h, int depth, int mode) -> Tensor[]");
+      "mlp_backward(Tensor grad, Tensor out, Tensor x0, Tensor[] saved, Tensor w1, Tensor? b1, "
+      "Tensor w2, Tensor? b2, int act, int scheme, float h, int depth, int mode, int refine, "
+      "float tol) -> (Tensor[], Tensor)");
   m.def(
       "mlp_reverse(Tensor y, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, int act, int scheme, "
-      "float h, int depth) -> Tensor");
+      "float h, int depth, int refine) -> Tensor");
   m.def(
       "conv_forward(Tensor x, Tensor[] params, Tensor[] running, int scheme, float h, "
       "int depth, bool training, bool update_stats, float momentum, float eps, int mode, "
       "bool save) -> (Tensor, Tensor[], Tensor[], Tensor)");
   m.def(
-      "conv_backward(Tensor grad, Tensor out, Tensor[] saved, Tensor[] params, Tensor[] running, "
-      "int scheme, float h, int depth, bool training, float eps, int mode) -> Tensor[]");
+      "conv_backward(Tensor grad, Tensor out, Tensor x0, Tensor[] saved, Tensor[] params, "
+      "Tensor[] running, int scheme, float h, int depth, bool training, float eps, int mode, "
+      "int refine, float tol) -> (Tensor[], Tensor)");
   m.def(
       "conv_reverse(Tensor y, Tensor[] params, Tensor[] running, int scheme, float h, int depth, "
-      "bool training, float eps) -> Tensor");
+      "bool training, float eps, int refine) -> Tensor");
   m.def("table() -> str", &table_json);
   m.def("has_cuda() -> bool", &has_cuda);
 }

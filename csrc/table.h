@@ -19,13 +19,18 @@ namespace resode {
   X(euler, 0, 0, 1, 1)    \
   X(heun, 1, 1, 2, 2)
 
-// Backward modes: X(name, id, stores_contexts, needs_output).
+// Backward modes: X(identifier, name, id, stores_contexts, needs_output, falls_back).
 // stores_contexts: the forward keeps one context per block evaluation (exact backward);
-// needs_output: the backward rebuilds the states from the stage output.
-#define RESODE_MODES(X)           \
-  X(autograd, 0, true, false)     \
-  X(adjoint, 1, false, true)      \
-  X(adjoint_stored, 2, true, true)
+// needs_output: the backward rebuilds the states from the stage output (the reconstruction
+// adjoint, with `refine` fixed-point iterations per reverse step and the drift check);
+// falls_back: when the drift exceeds `tol`, the adjoint pass is discarded and exact gradients
+// are recomputed from the stored stage input over ceil(sqrt(steps)) segments ("auto").
+// (The identifier of "auto" is auto_: `auto` is a C++ keyword.)
+#define RESODE_MODES(X)                                        \
+  X(autograd, "autograd", 0, true, false, false)               \
+  X(adjoint, "adjoint", 1, false, true, false)                 \
+  X(adjoint_stored, "adjoint_stored", 2, true, true, false)    \
+  X(auto_, "auto", 3, false, true, true)
 
 // MLP activations: X(name, id, needs_preactivation). The derivative of tanh and relu is a
 // function of the activation; gelu's needs the pre-activation, which is then stored too.
@@ -87,7 +92,9 @@ namespace schemes {
 enum : int64_t { RESODE_SCHEMES(RESODE_ENUM_ENTRY) };
 }
 namespace modes {
-enum : int64_t { RESODE_MODES(RESODE_ENUM_ENTRY) };
+#define RESODE_MODE_ENUM_ENTRY(ident, name, id, ...) ident = id,
+enum : int64_t { RESODE_MODES(RESODE_MODE_ENUM_ENTRY) };
+#undef RESODE_MODE_ENUM_ENTRY
 }
 namespace acts {
 enum : int64_t { RESODE_ACTIVATIONS(RESODE_ENUM_ENTRY) };
@@ -101,7 +108,7 @@ struct SchemeInfo {
 struct ModeInfo {
   const char* name;
   int64_t id;
-  bool stores_contexts, needs_output;
+  bool stores_contexts, needs_output, falls_back;
 };
 struct ActivationInfo {
   const char* name;
@@ -119,7 +126,9 @@ struct ParamInfo {
 
 #define RESODE_INFO_ENTRY(name, ...) {#name, __VA_ARGS__},
 inline constexpr SchemeInfo kSchemes[] = {RESODE_SCHEMES(RESODE_INFO_ENTRY)};
-inline constexpr ModeInfo kModes[] = {RESODE_MODES(RESODE_INFO_ENTRY)};
+#define RESODE_MODE_INFO_ENTRY(ident, ...) {__VA_ARGS__},
+inline constexpr ModeInfo kModes[] = {RESODE_MODES(RESODE_MODE_INFO_ENTRY)};
+#undef RESODE_MODE_INFO_ENTRY
 inline constexpr ActivationInfo kActivations[] = {RESODE_ACTIVATIONS(RESODE_INFO_ENTRY)};
 #undef RESODE_INFO_ENTRY
 #define RESODE_STORE_ENTRY(name, shape, dtype, stacked, only_if) \

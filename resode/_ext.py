@@ -42,12 +42,14 @@ class ExtensionStatus:
         cuda: the fused CUDA kernels can run (built with CUDA and a GPU is visible).
         source: ``"prebuilt"`` (``resode._C``), ``"jit"`` or ``None``.
         reason: why the extension (or its CUDA part) is unavailable, else ``None``.
+        disabled: turned off on purpose (``RESODE_DISABLE_EXTENSION=1``): nothing warns.
     """
 
     cpu: bool
     cuda: bool
     source: str | None
     reason: str | None = None
+    disabled: bool = False
 
     def __bool__(self) -> bool:
         return self.cpu
@@ -98,7 +100,8 @@ def _find_library() -> tuple[str | None, list[str]]:
 @functools.cache
 def _load() -> ExtensionStatus:
     if _build.env_on("RESODE_DISABLE_EXTENSION"):
-        return ExtensionStatus(False, False, None, "disabled by RESODE_DISABLE_EXTENSION=1")
+        reason = "disabled by RESODE_DISABLE_EXTENSION=1"
+        return ExtensionStatus(False, False, None, reason, disabled=True)
     source, errors = _find_library()
     if source is None or not _ops_registered():
         reason = "; ".join(errors) or "resode ops not registered"

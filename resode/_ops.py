@@ -12,9 +12,14 @@ autograd formulas are ``torch.autograd.Function`` s next to their ops (see the c
 extension".
 
 Gradients: the exact mode (``"autograd"``) returns exact gradients; ``"adjoint"`` returns the
-reconstruction adjoint's approximate ones (relative error ``O(1/N)`` Euler, ``O(1/N^2)`` Heun
-with depth-smooth weights; Sander, Ablin & Peyre, NeurIPS 2022). The ops are differentiable
-once (``once_differentiable``): a double backward raises.
+reconstruction adjoint's approximate ones (relative error ``O(1/N^{K+1})`` Euler with ``K =
+refine``, ``O(1/N^2)`` or better Heun, with depth-smooth weights; Sander, Ablin & Peyre, NeurIPS
+2022); ``"auto"`` returns the adjoint's when its drift is at most ``tol`` and exact ones
+otherwise (recomputed in C++ from the stored input over ``ceil(sqrt(steps))`` segments). Every
+backward hands a :class:`~resode._adjoint.BackwardReport` to the stage (``stage.last_backward``).
+The stage input and the parameters are kept with ``save_for_backward``: changing one in place
+before the backward raises autograd's error. The ops are differentiable once: a double backward
+(``create_graph=True``) raises an error that names the way out (the generic engine).
 """
 
 from __future__ import annotations
@@ -22,14 +27,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import _ext
+from ._adjoint import DEFAULT_TOL, BackwardReport
 
 __all__ = [
+    "BackwardSpec",
     "OpTable",
     "conv_reverse",
     "conv_stage",
@@ -156,19 +163,92 @@ def mode_flag(mode_id: int, flag: str) -> bool:
     return bool(_table().by_id("modes", mode_id)[flag])
 
 
+#: the paper code's Euler adjoint (resode/_paper_adjoint.py): the op mode "adjoint" with
+#: running statistics in the backward, then the stage is left in eval mode
+PAPER_CODE = "adjoint_paper_code"
+
+
+def op_mode(backward: str) -> str:
+    """The op-level backward mode that runs the stage-level mode ``backward``."""
+    return "adjoint" if backward == PAPER_CODE else backward
+
+
 def supports_mode(backward: str) -> bool:
     """Does the extension (when it loads) implement backward mode ``backward``?"""
     if not _ext.load():
         return False
-    return any(e["name"] == backward for e in table().raw["modes"])
+    return any(e["name"] == op_mode(backward) for e in table().raw["modes"])
+
+
+@dataclasses.dataclass(frozen=True)
+class BackwardSpec:
+    """How a fused stage is differentiated and whom its backward reports to.
+
+    Attributes:
+        mode: the stage's backward mode (``"autograd"``, ``"adjoint"``, ``"auto"``,
+            ``"adjoint_stored"``, ``"adjoint_paper_code"``).
+        num_steps: steps of the stage (for the report).
+        refine: fixed-point iterations per reverse step of the adjoint.
+        tol: ``"auto"``'s drift tolerance.
+        on_report: called with the :class:`~resode._adjoint.BackwardReport` of each backward.
+        after_backward: called after each backward (the paper code's eval-mode switch).
+    """
+
+    mode: str = "autograd"
+    num_steps: int = 0
+    refine: int = 0
+    tol: float = DEFAULT_TOL
+    on_report: Callable[[BackwardReport], None] | None = None
+    after_backward: Callable[[], None] | None = None
+
+    def op_args(self) -> tuple[int, int, float]:
+        """``(mode id, refine, tol)`` as the backward ops take them."""
+        return op_id("modes", op_mode(self.mode)), self.refine, self.tol
+
+    def finish(self, report: Tensor) -> None:
+        """Publish the report of one backward (``report``: the op's ``[drift, max_step_error,
+        fell_back]``) and run ``after_backward``. Not under ``torch.compile``: a compiled
+        backward is a graph, which cannot call back into Python (the stage forgets its report
+        instead, see ``resode.fused``)."""
+        if torch.compiler.is_compiling():
+            return
+        if self.on_report is not None:
+            self.on_report(self._report(report))
+        if self.after_backward is not None:
+            self.after_backward()
+
+    def _report(self, report: Tensor) -> BackwardReport:
+        if self.mode == "autograd":
+            return BackwardReport("autograd", True, False, 0, self.num_steps, None, 0.0, 0.0)
+        # "auto" synchronised with the device already (to read the drift): reading the flag
+        # costs nothing more; the other modes never fall back
+        fell_back = self.mode == "auto" and bool(report[2])
+        return BackwardReport(
+            mode=self.mode,
+            exact=fell_back,
+            fell_back=fell_back,
+            refine=self.refine,
+            num_steps=self.num_steps,
+            tol=self.tol if self.mode == "auto" else None,
+            drift_tensor=report[0],
+            step_error_tensor=report[1],
+        )
+
+
+def refuse_double_backward() -> None:
+    """Raise when a fused stage's backward is asked to build a graph (``create_graph=True``)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "resode: a fused stage (resode.fused.MLPStack / ConvStack) cannot be differentiated "
+            "twice (create_graph=True, double backward, Hessian-vector products): its backward "
+            "is one C++ op, whatever its backward mode. Use the generic engine with "
+            "backward='autograd' for this stage: stage.to_generic() (same numbers; "
+            "engine='generic' in resode.models) and stage.backward = 'autograd'"
+        )
 
 
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def _ids(scheme: str, backward: str) -> tuple[int, int]:
-    return op_id("schemes", scheme), op_id("modes", backward)
 
 
 def _none_grads(n: int) -> tuple:
@@ -185,36 +265,39 @@ class _MLPStage(torch.autograd.Function):
     """``resode::mlp_forward`` differentiated by ``resode::mlp_backward`` (once)."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, cfg):  # cfg: act, scheme, h, depth, mode
-        y, saved = _lib().mlp_forward(x, w1, b1, w2, b2, *cfg, True)
-        ctx.cfg = cfg
-        ctx.n_saved = len(saved)
-        keep_output = mode_flag(cfg[-1], "needs_output")
-        # the parameters too: changing one in place before the backward then raises
-        ctx.save_for_backward(y if keep_output else None, *saved, w1, b1, w2, b2)
+    def forward(ctx, x, w1, b1, w2, b2, cfg, spec):  # cfg: act, scheme, h, depth
+        mode, refine, tol = spec.op_args()
+        y, saved = _lib().mlp_forward(x, w1, b1, w2, b2, *cfg, mode, True)
+        ctx.cfg, ctx.spec, ctx.n_saved = cfg, spec, len(saved)
+        keep_output = mode_flag(mode, "needs_output")
+        # the input and the parameters too: changing one in place before the backward raises
+        ctx.save_for_backward(y if keep_output else None, x, *saved, w1, b1, w2, b2)
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, gy):
-        y, *rest = ctx.saved_tensors
+        refuse_double_backward()
+        y, x, *rest = ctx.saved_tensors
         saved, (w1, b1, w2, b2) = rest[: ctx.n_saved], rest[ctx.n_saved :]
         out = y if y is not None else gy  # (unused by the exact backward)
-        grads = _lib().mlp_backward(gy, out, saved, w1, b1, w2, b2, *ctx.cfg)
+        grads, report = _lib().mlp_backward(
+            gy, out, x, saved, w1, b1, w2, b2, *ctx.cfg, *ctx.spec.op_args()
+        )
+        ctx.spec.finish(report)
         needed = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[:5])]
-        return (*needed, None)
+        return (*needed, None, None)
 
 
-def mlp_stage(x, w1, b1, w2, b2, *, activation, scheme, step, depth, backward) -> Tensor:
-    """The MLP stage ``x (B, D) -> y (B, D)``, differentiable with ``backward``'s gradients.
+def mlp_stage(x, w1, b1, w2, b2, *, activation, scheme, step, depth, spec) -> Tensor:
+    """The MLP stage ``x (B, D) -> y (B, D)``, differentiable as ``spec`` (a
+    :class:`BackwardSpec`) says.
 
     Parameters are stacked over blocks (``w1 (P, H, D)``, ``b1 (P, H)`` or ``None``, ...).
     """
-    scheme_id, mode = _ids(scheme, backward)
-    cfg = (op_id("activations", activation), scheme_id, float(step), depth, mode)
+    cfg = (op_id("activations", activation), op_id("schemes", scheme), float(step), depth)
     if _needs_grad(x, w1, b1, w2, b2):
-        return _MLPStage.apply(x, w1, b1, w2, b2, cfg)
-    y, _ = _lib().mlp_forward(x, w1, b1, w2, b2, *cfg, False)
+        return _MLPStage.apply(x, w1, b1, w2, b2, cfg, spec)
+    y, _ = _lib().mlp_forward(x, w1, b1, w2, b2, *cfg, spec.op_args()[0], False)
     return y
 
 
@@ -227,21 +310,28 @@ def _mlp_forward_fake(x, w1, b1, w2, b2, act, scheme, h, depth, mode, save):
     return torch.empty_like(x), t.fake_store("mlp", x, t.num_evals(scheme, depth), dims, flags)
 
 
-def _mlp_backward_fake(grad, out, saved, w1, b1, w2, b2, act, scheme, h, depth, mode):
+def _report_fake(grad: Tensor) -> Tensor:
+    """The backward ops' report ``[drift, max_step_error, fell_back]`` (acc dtype)."""
+    return grad.new_empty(3, dtype=table().acc_dtype(grad.dtype))
+
+
+def _mlp_backward_fake(grad, out, x0, saved, w1, b1, w2, b2, act, scheme, h, depth, *mode_args):
     none = grad.new_empty(0)
     gb1 = torch.empty_like(b1) if b1 is not None else none
     gb2 = torch.empty_like(b2) if b2 is not None else none
-    return [torch.empty_like(grad), torch.empty_like(w1), gb1, torch.empty_like(w2), gb2]
+    grads = [torch.empty_like(grad), torch.empty_like(w1), gb1, torch.empty_like(w2), gb2]
+    return grads, _report_fake(grad)
 
 
-def mlp_reverse(y, w1, b1, w2, b2, *, activation, scheme, step, depth) -> Tensor:
-    """The scheme's reverse steps from the MLP stage output ``y`` (no autograd)."""
+def mlp_reverse(y, w1, b1, w2, b2, *, activation, scheme, step, depth, refine=0) -> Tensor:
+    """The scheme's reverse steps (``refine`` fixed-point iterations each) from the MLP stage
+    output ``y`` (no autograd)."""
     act = op_id("activations", activation)
     scheme_id = op_id("schemes", scheme)
-    return _lib().mlp_reverse(y, w1, b1, w2, b2, act, scheme_id, step, depth)
+    return _lib().mlp_reverse(y, w1, b1, w2, b2, act, scheme_id, step, depth, refine)
 
 
-def _mlp_reverse_fake(y, w1, b1, w2, b2, act, scheme, h, depth):
+def _mlp_reverse_fake(y, w1, b1, w2, b2, act, scheme, h, depth, refine):
     return torch.empty_like(y)
 
 
@@ -251,51 +341,57 @@ class _ConvStage(torch.autograd.Function):
     output, the running-statistic update counts and the updated running statistics."""
 
     @staticmethod
-    def forward(ctx, x, cfg, n_params, *tensors):  # cfg: scheme, h, depth, train, mom, eps, mode
+    def forward(ctx, x, cfg, spec, n_params, *tensors):  # cfg: scheme, h, depth, train, mom, eps
         params, running = list(tensors[:n_params]), list(tensors[n_params:])
-        scheme, h, depth, training, momentum, eps, mode = cfg
+        scheme, h, depth, training, momentum, eps = cfg
+        mode = spec.op_args()[0]
         y, saved, new_running, counts = _lib().conv_forward(
             x, params, running, scheme, h, depth, training, training, momentum, eps, mode, True
         )
         ctx.mark_non_differentiable(counts, *new_running)
-        ctx.cfg = (scheme, h, depth, training, eps, mode)
-        ctx.n_saved = len(saved)
+        # the paper code's adjoint recomputes with the running statistics (eval mode)
+        ctx.cfg = (scheme, h, depth, training and spec.mode != PAPER_CODE, eps)
+        ctx.spec, ctx.n_saved = spec, len(saved)
         # The running statistics are read by the backward in eval mode only, where nothing
         # changes them; they are buffers, not activations, and in training mode the caller
         # overwrites them with the new values: kept on ctx, not with save_for_backward.
         ctx.running = running
         keep_output = mode_flag(mode, "needs_output")
-        ctx.save_for_backward(y if keep_output else None, *saved, *params)
+        # the input and the parameters too: changing one in place before the backward raises
+        ctx.save_for_backward(y if keep_output else None, x, *saved, *params)
         return (y, counts, *new_running)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, gy, *_):
-        y, *rest = ctx.saved_tensors
+        refuse_double_backward()
+        y, x, *rest = ctx.saved_tensors
         saved, params = rest[: ctx.n_saved], rest[ctx.n_saved :]
         out = y if y is not None else gy  # (unused by the exact backward)
-        grads = _lib().conv_backward(gy, out, saved, params, ctx.running, *ctx.cfg)
+        grads, report = _lib().conv_backward(
+            gy, out, x, saved, params, ctx.running, *ctx.cfg, *ctx.spec.op_args()
+        )
+        ctx.spec.finish(report)
         gx = grads[0] if ctx.needs_input_grad[0] else None
-        needs = ctx.needs_input_grad[3 : 3 + len(params)]
+        needs = ctx.needs_input_grad[4 : 4 + len(params)]
         gp = [g if need else None for g, need in zip(grads[1:], needs)]
-        return (gx, None, None, *gp, *_none_grads(len(ctx.running)))
+        return (gx, None, None, None, *gp, *_none_grads(len(ctx.running)))
 
 
-def conv_stage(x, params, running, *, scheme, step, depth, backward, training, momentum, eps):
-    """The conv stage ``x (B, C, H, W) -> y``, differentiable with ``backward``'s gradients.
+def conv_stage(x, params, running, *, scheme, step, depth, spec, training, momentum, eps):
+    """The conv stage ``x (B, C, H, W) -> y``, differentiable as ``spec`` (a
+    :class:`BackwardSpec`) says.
 
     Returns ``y``, the updated running statistics (new tensors, in the order of ``running``;
     an empty list unless ``training``: the op does not modify ``running``, the caller stores
     them) and the number of running-statistic updates per parameter slot (to add to
     ``num_batches_tracked``).
     """
-    scheme_id, mode = _ids(scheme, backward)
-    cfg = (scheme_id, float(step), depth, training, momentum, eps, mode)
+    cfg = (op_id("schemes", scheme), float(step), depth, training, momentum, eps)
     if _needs_grad(x, *params):
-        y, counts, *new_running = _ConvStage.apply(x, cfg, len(params), *params, *running)
+        y, counts, *new_running = _ConvStage.apply(x, cfg, spec, len(params), *params, *running)
         return y, new_running, counts
     y, _, new_running, counts = _lib().conv_forward(
-        x, params, running, *cfg[:4], training, *cfg[4:], False
+        x, params, running, *cfg[:4], training, *cfg[4:], spec.op_args()[0], False
     )
     return y, new_running, counts
 
@@ -311,17 +407,19 @@ def _conv_forward_fake(x, params, running, scheme, h, depth, train, update, mom,
     return torch.empty_like(x), saved, new_running, counts
 
 
-def _conv_backward_fake(grad, out, saved, params, running, scheme, h, depth, training, eps, mode):
-    return [torch.empty_like(grad)] + [torch.empty_like(p) for p in params]
+def _conv_backward_fake(grad, out, x0, saved, params, running, scheme, h, depth, *rest):
+    grads = [torch.empty_like(grad)] + [torch.empty_like(p) for p in params]
+    return grads, _report_fake(grad)
 
 
-def conv_reverse(y, params, running, *, scheme, step, depth, training, eps) -> Tensor:
-    """The scheme's reverse steps from the conv stage output ``y`` (running stats untouched)."""
+def conv_reverse(y, params, running, *, scheme, step, depth, training, eps, refine=0) -> Tensor:
+    """The scheme's reverse steps (``refine`` fixed-point iterations each) from the conv stage
+    output ``y`` (running stats untouched)."""
     scheme_id = op_id("schemes", scheme)
-    return _lib().conv_reverse(y, params, running, scheme_id, step, depth, training, eps)
+    return _lib().conv_reverse(y, params, running, scheme_id, step, depth, training, eps, refine)
 
 
-def _conv_reverse_fake(y, params, running, scheme, h, depth, training, eps):
+def _conv_reverse_fake(y, params, running, scheme, h, depth, training, eps, refine):
     return torch.empty_like(y)
 
 

@@ -8,18 +8,38 @@ reconstruction and the vector-Jacobian products in one C++ op per direction: no 
 autograd overhead per layer. GEMMs and convolutions call ATen (cuBLAS / cuDNN on GPU); the
 elementwise work around them runs in our own fused kernels.
 
-Backward modes (as for the generic engine):
+Backward modes (as for the generic engine, with the same ``refine`` and ``tol`` and the same
+``stage.last_backward`` report; float64 parity with it to 1e-10):
 
 * ``"autograd"``: exact gradients; the op stores, per block evaluation, the block input and the
   intermediate activations it needs (MLP: input, pre-activation, activation; conv: input, both
   normalised BN inputs, the ReLU output and both inverse standard deviations).
-* ``"adjoint"``: stores only the stage output; the backward rebuilds each ``x_n`` with the
-  scheme's reverse step, recomputes the block and takes its vector-Jacobian product. Memory is
-  constant in depth but gradients are **approximate**: error ``O(1/N)`` for Euler and
-  ``O(1/N^2)`` for Heun when the weights are smooth in depth (Sander, Ablin & Peyre, NeurIPS
-  2022). Heun's reverse step reuses ``f_{n+1}(x_{n+1})`` computed at the previous reverse step.
+* ``"adjoint"``: stores only the stage input and output; the backward rebuilds each ``x_n`` with
+  the scheme's reverse step and ``refine`` fixed-point iterations, recomputes the step, measures
+  ``||Phi_n(x^_n) - x^_{n+1}||`` (the report's ``max_step_error``), takes the step's
+  vector-Jacobian product, and at the end compares the rebuilt input with the stored one (the
+  report's ``drift``). Memory is constant in depth but gradients are **approximate**: error
+  ``O(1/N^{refine+1})`` for Euler and ``O(1/N^2)`` or better for Heun when the weights are
+  smooth in depth (Sander, Ablin & Peyre, NeurIPS 2022). Heun's reverse step reuses
+  ``f_{n+1}(x_{n+1})`` computed at the previous step's recomputation. The check costs one
+  elementwise pass and one reduction per step, plus (MLP) the second GEMM of the recomputed
+  block, which the vector-Jacobian product alone does not need.
+* ``"auto"``: the adjoint; when its drift exceeds ``tol`` (or is nan) the pass is discarded and
+  exact gradients are computed in the same C++ op from the stored input: a forward keeps the
+  state every ``L = ceil(sqrt(steps))`` steps, then each segment is run again storing its
+  contexts and differentiated exactly (``last_backward.exact``). Cost without fallback: that of
+  ``"adjoint"`` plus one device synchronisation; with it, about one more forward, one
+  recompute-forward and one exact backward, and the contexts of ``O(sqrt(N))`` steps for that
+  backward only.
 * ``"adjoint_stored"`` (diagnostic, the paper's public code): each ``x_n`` is rebuilt from the
   *stored* ``x_{n+1}``.
+* ``"adjoint_paper_code"`` (diagnostic, Euler): the paper code's adjoint, eval-mode switch
+  included: the backward recomputes with BatchNorm's running statistics and leaves the stage in
+  eval mode (:mod:`resode._paper_adjoint`; the generic engine switches its residual functions,
+  a fused stage switches itself). For ``MLPStack`` it is ``"adjoint"`` plus the switch.
+
+A fused stage can be differentiated once: ``create_graph=True`` raises an error that points to
+the generic engine (``to_generic()`` with ``backward="autograd"``).
 
 Memory accounting: everything the C++ op keeps between forward and backward is returned to
 Python and saved with ``ctx.save_for_backward``, so
@@ -45,10 +65,15 @@ engine), ``to_generic()`` and ``from_generic()``. The blocks of a fused stage ta
 arguments and draw no random numbers, so ``args`` must be empty and ``seed`` is ignored. The ops
 themselves are in :mod:`resode._ops`; docs/design.md, "Engines" and "The extension".
 
-``torch.compile`` works on both stages (forward and backward, both backward modes): the ops have
-functional schemas and fake kernels. Without the extension (not built, or
-``RESODE_DISABLE_EXTENSION=1``) a fused stage can be built, converted (:meth:`to_generic`) and
-loaded, but running it raises an error that says why and how to build the extension.
+``torch.compile`` works on both stages (forward and backward, ``fullgraph=True``, every backward
+mode but ``"adjoint_paper_code"``, which runs eagerly behind a graph break; ``"auto"``'s
+data-dependent fallback happens inside the backward op): the ops have functional schemas and
+fake kernels. A compiled backward is a graph and cannot call back into Python, so under
+``torch.compile`` ``stage.last_backward`` is ``None`` (reset by each compiled forward) and the
+drift check's numbers are not reported; run a step eagerly (or ``resode check``) to see them.
+Without the extension (not built, or ``RESODE_DISABLE_EXTENSION=1``) a fused stage can be built,
+converted (:meth:`to_generic`) and loaded, but running it raises an error that says why and how
+to build the extension.
 """
 
 from __future__ import annotations
@@ -59,8 +84,9 @@ import torch
 from torch import Tensor, nn
 
 from . import _ext, _ops
+from ._adjoint import DEFAULT_TOL
 from .models.blocks import activation_name, conv_block, make_activation, mlp_block
-from .stack import ResidualStack, Stage
+from .stack import ResidualStack, Stage, _check_refine
 
 __all__ = [
     "ConvStack",
@@ -90,6 +116,7 @@ class _FusedStage(Stage):
 
     #: bytes held by the C++ side between forward and backward beyond ``save_for_backward``
     extra_saved_bytes: int = 0
+    supports_refine = True
 
     def _check_params(self) -> None:
         """Parameter shapes are checked here, before any C++ op sees them."""
@@ -153,6 +180,25 @@ class _FusedStage(Stage):
     def _stage_kwargs(self) -> dict:
         return dict(scheme=self.scheme.name, step=self.step, depth=self.depth)
 
+    def _spec(self, backward: str, report: bool = True) -> _ops.BackwardSpec:
+        """How the ops differentiate this stage with ``backward`` (reporting to
+        ``last_backward`` unless ``report`` is false)."""
+        return _ops.BackwardSpec(
+            mode=backward,
+            num_steps=self.num_steps,
+            refine=self.refine,
+            tol=self.tol,
+            on_report=self._set_report if report else None,
+            after_backward=self._paper_code_switch if backward == _ops.PAPER_CODE else None,
+        )
+
+    def _set_report(self, report) -> None:
+        self.last_backward = report
+
+    def _paper_code_switch(self) -> None:
+        # the paper code's bug, reproduced on purpose (resode/_paper_adjoint.py)
+        self.train(False)
+
     def block(self, n: int) -> nn.Module:
         """A copy of residual function ``f_n`` as the generic engine's ``nn.Sequential`` block
         (same values, device and dtype; a new module at every call, also for a tied stage)."""
@@ -162,39 +208,47 @@ class _FusedStage(Stage):
         """An equivalent :class:`resode.ResidualStack` of ``nn.Sequential`` blocks (copies of the
         values, BatchNorm running statistics included)."""
         blocks = [self.block(n) for n in range(1 if self.tied else self.depth)]
-        stack = ResidualStack(
-            blocks,
-            self.depth,
-            scheme=self.scheme.name,
-            backward=self.backward,
-            step=self._step,
-            tied=self.tied,
-        )
+        stack = ResidualStack(blocks, self.depth, **self.stage_kwargs())
         return stack.train(self.training)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._run(x, self.backward)
+        if self.backward == _ops.PAPER_CODE:
+            return self._run_eagerly(x, self._spec(self.backward))
+        if torch.compiler.is_compiling():
+            self.last_backward = None  # a compiled backward cannot report (module docstring)
+        return self._run(x, self._spec(self.backward))
+
+    @torch.compiler.disable
+    def _run_eagerly(self, x: Tensor, spec: _ops.BackwardSpec) -> Tensor:
+        """The paper code's eval-mode switch is a side effect of the backward: never compiled
+        (a graph break under ``torch.compile``)."""
+        return self._run(x, spec)
 
     def integrate(
         self, x: Tensor, args: tuple[Tensor, ...] = (), seed: int | None = None
     ) -> Tensor:
         """The forward pass with exact gradients (``backward="autograd"``), whatever
-        ``self.backward``. ``args`` must be empty; ``seed`` is ignored (no random layers)."""
+        ``self.backward`` (``last_backward`` is left alone, as by the generic ``integrate``).
+        ``args`` must be empty; ``seed`` is ignored (no random layers)."""
         self._check_args(tuple(args), "integrate")
-        return self._run(x, "autograd")
+        return self._run(x, self._spec("autograd", report=False))
 
     @torch.no_grad()
-    def reverse(self, y: Tensor, *args: Tensor, seed: int | None = None) -> Tensor:
-        """Run the scheme's reverse steps from the stage output ``y`` back to an estimate of the
-        input (in C++). Training-mode BatchNorm uses batch statistics and its running statistics
-        are left alone. ``args`` must be empty; ``seed`` is ignored."""
+    def reverse(
+        self, y: Tensor, *args: Tensor, seed: int | None = None, refine: int | None = None
+    ) -> Tensor:
+        """Run the scheme's reverse steps (``refine`` fixed-point iterations each; default: the
+        stage's ``refine``) from the stage output ``y`` back to an estimate of the input (in
+        C++). Training-mode BatchNorm uses batch statistics and its running statistics are left
+        alone. ``args`` must be empty; ``seed`` is ignored."""
         self._check_args(args, "reverse")
-        return self._reverse(y)
+        refine = self.refine if refine is None else _check_refine(refine)
+        return self._reverse(y, refine)
 
-    def _run(self, x: Tensor, backward: str) -> Tensor:
+    def _run(self, x: Tensor, spec: _ops.BackwardSpec) -> Tensor:
         raise NotImplementedError
 
-    def _reverse(self, y: Tensor) -> Tensor:
+    def _reverse(self, y: Tensor, refine: int) -> Tensor:
         raise NotImplementedError
 
     def _make_block(self, slot: int) -> nn.Module:
@@ -215,8 +269,10 @@ class MLPStack(_FusedStage):
         hidden: hidden width of each block.
         depth: number of residual functions ``N``.
         activation: ``"tanh"``, ``"relu"`` or ``"gelu"`` (exact erf form).
-        scheme, backward, step: as for :class:`resode.ResidualStack` (``"adjoint"`` gradients
-            are approximate: ``O(1/N)`` Euler, ``O(1/N^2)`` Heun with depth-smooth weights).
+        scheme, backward, step, refine, tol: as for :class:`resode.ResidualStack` (``"adjoint"``
+            gradients are approximate: ``O(1/N^{refine+1})`` Euler, ``O(1/N^2)`` Heun with
+            depth-smooth weights; ``"auto"`` falls back to exact ones when the drift exceeds
+            ``tol``; see the module docstring for the costs).
         tied: one block used ``N`` times (gradients accumulated over the steps).
         bias: whether the linear layers have biases.
 
@@ -234,11 +290,15 @@ class MLPStack(_FusedStage):
         activation: str = "tanh",
         scheme: str = "euler",
         backward: str = "autograd",
-        step: float | None = None,
+        step: float | str | None = None,
         tied: bool = False,
+        refine: int = 0,
+        tol: float = DEFAULT_TOL,
         bias: bool = True,
     ) -> None:
-        super().__init__(depth, scheme=scheme, backward=backward, step=step, tied=tied)
+        super().__init__(
+            depth, scheme=scheme, backward=backward, step=step, tied=tied, refine=refine, tol=tol
+        )
         make_activation(activation)  # validates the name
         for name, v in (("dim", dim), ("hidden", hidden)):
             if not isinstance(v, int) or v < 1:
@@ -283,12 +343,12 @@ class MLPStack(_FusedStage):
     def _params(self) -> tuple:
         return self.w1, self.b1, self.w2, self.b2
 
-    def _run(self, x: Tensor, backward: str) -> Tensor:
-        kw = dict(activation=self.activation, backward=backward, **self._stage_kwargs())
+    def _run(self, x: Tensor, spec: _ops.BackwardSpec) -> Tensor:
+        kw = dict(activation=self.activation, spec=spec, **self._stage_kwargs())
         return _ops.mlp_stage(self._as_rows(x), *self._params(), **kw).reshape(x.shape)
 
-    def _reverse(self, y: Tensor) -> Tensor:
-        kw = dict(activation=self.activation, **self._stage_kwargs())
+    def _reverse(self, y: Tensor, refine: int) -> Tensor:
+        kw = dict(activation=self.activation, refine=refine, **self._stage_kwargs())
         return _ops.mlp_reverse(self._as_rows(y), *self._params(), **kw).reshape(y.shape)
 
     def _make_block(self, slot: int) -> nn.Sequential:
@@ -314,17 +374,9 @@ class MLPStack(_FusedStage):
             )
         dim, hidden, act, bias = info
         first = stack.blocks[0][0].weight
-        out = cls(
-            dim,
-            hidden,
-            stack.depth,
-            activation=act,
-            scheme=stack.scheme.name,
-            backward=stack.backward,
-            step=stack._step,
-            tied=stack.tied,
-            bias=bias,
-        ).to(device=first.device, dtype=first.dtype)
+        kw = stack.stage_kwargs()
+        out = cls(dim, hidden, stack.depth, activation=act, bias=bias, **kw)
+        out = out.to(device=first.device, dtype=first.dtype)
         with torch.no_grad():
             for i, blk in enumerate(stack.blocks):
                 out.w1[i].copy_(blk[0].weight)
@@ -373,7 +425,11 @@ class ConvStack(_FusedStage):
     Equivalent to a :class:`resode.ResidualStack` of
     :func:`resode.models.blocks.conv_block` ``(channels, eps, momentum)`` blocks
     (:meth:`to_generic`); the last BN weight is zero at initialisation unless
-    ``zero_init_last_bn=False``.
+    ``zero_init_last_bn=False``. ``scheme``, ``backward``, ``step``, ``tied``, ``refine`` and
+    ``tol`` are those of :class:`resode.ResidualStack` (see the module docstring for what each
+    backward mode costs here); training-mode BatchNorm recomputes with batch statistics in every
+    backward (reverse steps, refinements, ``"auto"``'s fallback) and its running statistics are
+    updated by the forward only.
 
     Parameters and buffers are stacked over blocks (``P = 1`` if tied else ``N``):
     ``conv{1,2}_weight`` ``(P, C, C, 3, 3)``, ``conv{1,2}_bias``, ``bn{1,2}_weight``,
@@ -388,13 +444,17 @@ class ConvStack(_FusedStage):
         *,
         scheme: str = "euler",
         backward: str = "autograd",
-        step: float | None = None,
+        step: float | str | None = None,
         tied: bool = False,
+        refine: int = 0,
+        tol: float = DEFAULT_TOL,
         eps: float = 1e-5,
         momentum: float = 0.1,
         zero_init_last_bn: bool = True,
     ) -> None:
-        super().__init__(depth, scheme=scheme, backward=backward, step=step, tied=tied)
+        super().__init__(
+            depth, scheme=scheme, backward=backward, step=step, tied=tied, refine=refine, tol=tol
+        )
         if not isinstance(channels, int) or channels < 1:
             raise ValueError(f"channels must be a positive integer, got {channels!r}")
         self.channels = channels
@@ -444,13 +504,13 @@ class ConvStack(_FusedStage):
             )
         return x, params, running
 
-    def _run(self, x: Tensor, backward: str) -> Tensor:
+    def _run(self, x: Tensor, spec: _ops.BackwardSpec) -> Tensor:
         x, params, running = self._check_conv_input(x)
         y, new_running, counts = _ops.conv_stage(
             x,
             params,
             running,
-            backward=backward,
+            spec=spec,
             training=self.training,
             momentum=self.momentum,
             eps=self.eps,
@@ -464,9 +524,9 @@ class ConvStack(_FusedStage):
                 self.bn2_num_batches_tracked.add_(counts)
         return y
 
-    def _reverse(self, y: Tensor) -> Tensor:
+    def _reverse(self, y: Tensor, refine: int) -> Tensor:
         y, params, running = self._check_conv_input(y)
-        kw = dict(training=self.training, eps=self.eps, **self._stage_kwargs())
+        kw = dict(training=self.training, eps=self.eps, refine=refine, **self._stage_kwargs())
         return _ops.conv_reverse(y, params, running, **kw)
 
     def _make_block(self, slot: int) -> nn.Sequential:
@@ -496,16 +556,8 @@ class ConvStack(_FusedStage):
             )
         c, eps, momentum = info
         ref = stack.blocks[0][0].weight
-        out = cls(
-            c,
-            stack.depth,
-            scheme=stack.scheme.name,
-            backward=stack.backward,
-            step=stack._step,
-            tied=stack.tied,
-            eps=eps,
-            momentum=momentum,
-        ).to(device=ref.device, dtype=ref.dtype)
+        out = cls(c, stack.depth, eps=eps, momentum=momentum, **stack.stage_kwargs())
+        out = out.to(device=ref.device, dtype=ref.dtype)
         with torch.no_grad():
             for i, blk in enumerate(stack.blocks):
                 for k, (conv, bn) in enumerate(((blk[0], blk[1]), (blk[3], blk[4])), start=1):

@@ -87,10 +87,26 @@ def _buffer_pairs(f: fused.ConvStack, g: resode.ResidualStack):
     return out
 
 
+def _assert_same_report(rf, rg, it=0):
+    """The fused stage's ``last_backward`` equals the generic one's (drift and max_step_error to
+    1e-10 relative, plus 1e-14 absolute: both are differences of O(1) tensors)."""
+    if rg is None:
+        assert rf is None, f"pass {it}: the fused stage reported, the generic one did not"
+        return
+    assert rf is not None, f"pass {it}: no report from the fused stage"
+    fields = ("mode", "exact", "fell_back", "refine", "num_steps", "tol")
+    assert [getattr(rf, k) for k in fields] == [getattr(rg, k) for k in fields], (rf, rg)
+    for k in ("drift", "max_step_error"):
+        a, b = getattr(rf, k), getattr(rg, k)
+        assert abs(a - b) <= 1e-10 * abs(b) + 1e-14, f"pass {it}: {k} {a!r} != {b!r}"
+    for t in (rf.drift_tensor, rf.step_error_tensor):
+        assert not isinstance(t, torch.Tensor) or (t.dim() == 0 and not t.requires_grad)
+
+
 def _run_parity(f, x_shape, pairs_fn, buffers=False, steps=2, call=None):
     """Run fused and generic stages side by side (``steps`` forward/backward passes of
     ``call(stage, x)``, default ``stage(x)``) and compare outputs, input gradients, every
-    parameter gradient and the BN buffers."""
+    parameter gradient, the BN buffers and the backward reports."""
     g = f.to_generic()
     call = call or (lambda stage, x: stage(x))
     for it in range(steps):
@@ -102,6 +118,7 @@ def _run_parity(f, x_shape, pairs_fn, buffers=False, steps=2, call=None):
         _assert_close(yf, yg, f"output (pass {it})")
         (yf * w).sum().backward()
         (yg * w).sum().backward()
+        _assert_same_report(f.last_backward, g.last_backward, it)
         pairs = pairs_fn(f, g)
         scale = max(float(t.grad.norm()) for _, _, _, t in pairs)
         _assert_close(xf.grad, xg.grad, f"input grad (pass {it})")
@@ -194,6 +211,217 @@ def test_adjoint_stored_variant_matches_generic():
     c = fused.ConvStack(2, 3, scheme="euler", backward="adjoint_stored").double()
     _randomise_bn(c)
     _run_parity(c, (2, 2, 3, 3), _conv_pairs, buffers=True, steps=1)
+
+
+# ---------------------------------------------- refine, drift report, auto (issue 10 item 7)
+# (backward, tol): the adjoint; auto keeping its pass; auto falling back (every drift > 1e-300)
+TRUST = [("adjoint", 1e-2), ("auto", 1e300), ("auto", 1e-300)]
+TRUST_IDS = ["adjoint", "auto-kept", "auto-fallback"]
+
+
+@pytest.mark.parametrize("mode,tol", TRUST, ids=TRUST_IDS)
+@pytest.mark.parametrize("refine", [0, 1, 2])
+@pytest.mark.parametrize("tied", TIED)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_mlp_refine_drift_auto_parity_float64(scheme, tied, refine, mode, tol):
+    """Outputs, every gradient, drift and max_step_error equal the generic engine's to 1e-10."""
+    f = fused.MLPStack(
+        4, 7, 5, scheme=scheme, backward=mode, tied=tied, refine=refine, tol=tol
+    ).double()
+    f, _ = _run_parity(f, (6, 4), _mlp_pairs)
+    r = f.last_backward
+    assert (r.refine, r.fell_back, r.exact) == (refine, tol == 1e-300, tol == 1e-300)
+    assert r.drift > 0 and r.max_step_error > 0
+
+
+@pytest.mark.parametrize("mode,tol", TRUST, ids=TRUST_IDS)
+@pytest.mark.parametrize("refine", [0, 1, 2])
+@pytest.mark.parametrize("tied", TIED)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_conv_refine_drift_auto_parity_float64(scheme, tied, refine, mode, tol):
+    """As for the MLP stage, plus the BN running statistics (training mode: batch statistics
+    in every recomputation, running statistics updated by the forward only)."""
+    f = fused.ConvStack(3, 3, scheme=scheme, backward=mode, tied=tied, refine=refine, tol=tol)
+    f = f.double()
+    _randomise_bn(f)
+    f, _ = _run_parity(f, (4, 3, 4, 4), _conv_pairs, buffers=True)
+    assert f.last_backward.fell_back == (tol == 1e-300)
+    assert int(f.bn1_num_batches_tracked.sum()) == 2 * (3 if scheme == "euler" else 4)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_adjoint_stored_and_eval_mode_with_refine(scheme):
+    f = fused.MLPStack(3, 6, 5, scheme=scheme, backward="adjoint_stored", refine=2).double()
+    _run_parity(f, (4, 3), _mlp_pairs, steps=1)
+    c = fused.ConvStack(2, 3, scheme=scheme, backward="auto", refine=1, tol=1e-300).double()
+    _randomise_bn(c)
+    _run_parity(c.eval(), (2, 2, 3, 3), _conv_pairs, buffers=True, steps=1)
+
+
+@pytest.mark.parametrize("make", ["mlp", "conv"])
+def test_auto_on_a_non_ode_stage_returns_exact_gradients(make):
+    """Step 1, iid weights: the adjoint is badly wrong; auto falls back (default tol) and returns
+    the exact gradients of backward="autograd"."""
+    torch.manual_seed(4)
+    if make == "mlp":
+        f, shape = fused.MLPStack(6, 12, 4, step=1.0).double(), (16, 6)
+        with torch.no_grad():
+            for p in f.parameters():
+                p.mul_(4.0)
+    else:
+        f, shape = fused.ConvStack(3, 4, step=1.0).double(), (6, 3, 5, 5)
+        with torch.no_grad():
+            f.bn2_weight.normal_(0.0, 3.0)
+    x = torch.randn(*shape, dtype=torch.float64)
+    grads = {}
+    for mode in ("autograd", "adjoint", "auto"):
+        f.backward = mode
+        f.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        f(xi).square().sum().backward()
+        grads[mode] = torch.cat([xi.grad.flatten()] + [p.grad.flatten() for p in f.parameters()])
+    assert _rel(grads["adjoint"], grads["autograd"]) > 0.1
+    assert _rel(grads["auto"], grads["autograd"]) < 1e-10
+    r = f.last_backward
+    assert r.mode == "auto" and r.exact and r.fell_back and r.drift > r.tol == 1e-2
+
+
+def test_sqdist_max_kernel():
+    """The drift check's reduction: acc = max(acc, sum((a - b)^2)) (summed in float64 on the
+    CPU), nan kept."""
+    lib = _ops.library()
+    for dtype in (torch.float32, torch.float64):
+        a, b = torch.randn(100_003, dtype=dtype), torch.randn(100_003, dtype=dtype)
+        acc = torch.zeros(1, dtype=dtype)
+        lib._sqdist_max(a, b, acc)
+        ref = (a.double() - b.double()).square().sum()
+        assert abs(float(acc) - float(ref)) <= 1e-6 * float(ref)
+        first = acc.clone()
+        lib._sqdist_max(a[:10], b[:10], acc)
+        assert torch.equal(acc, first)
+        lib._sqdist_max(torch.full_like(a, float("nan")), b, acc)
+        assert torch.isnan(acc).all()
+        lib._sqdist_max(a, b, acc)
+        assert torch.isnan(acc).all()
+
+
+def test_refine_shrinks_the_fused_adjoint_error():
+    """Euler, depth-smooth weights: refine=2 is >= 10x more accurate than refine=0 (the
+    generic engine's slopes are tested in test_adjoint_trust.py; the parity tests above tie the
+    fused numbers to them)."""
+    torch.manual_seed(1)
+    x = torch.randn(16, 8, dtype=torch.float64)
+    w = torch.randn(16, 8, dtype=torch.float64)
+    f = _smooth_mlp(64, "euler")
+    e0 = _grad_error(f, x, w)
+    f.refine = 2
+    e2 = _grad_error(f, x, w)
+    assert e2 * 10 <= e0, (e0, e2)
+
+
+def test_fused_auto_memory_is_flat_when_it_does_not_fall_back():
+    from resode.diagnostics import saved_tensor_bytes
+
+    def mem(depth):
+        f = fused.MLPStack(8, 8, depth, backward="auto", tied=True)
+        x = torch.randn(4, 8, requires_grad=True)
+        return saved_tensor_bytes(f, x, exclude=list(f.parameters()))
+
+    assert mem(16) == mem(128) > 0
+
+
+@pytest.mark.parametrize("make", ["mlp", "conv"])
+def test_paper_code_mode_matches_generic_and_leaves_eval_mode(make):
+    """backward="adjoint_paper_code": the generic engine's numbers (the backward recomputes with
+    BN's running statistics), and the stage is in eval mode afterwards, like the generic
+    residual functions; the next pass (eval mode) matches too."""
+    if make == "mlp":
+        f, shape, pairs = fused.MLPStack(3, 5, 4, refine=1).double(), (4, 3), _mlp_pairs
+    else:
+        f, shape, pairs = fused.ConvStack(3, 4).double(), (4, 3, 4, 4), _conv_pairs
+        _randomise_bn(f)
+    f.backward = "adjoint_paper_code"
+    f, g = _run_parity(f.train(), shape, pairs, buffers=make == "conv", steps=2)
+    assert not f.training and not any(b.training for b in g.blocks)
+    assert f.last_backward.mode == "adjoint_paper_code"
+    with pytest.raises(ValueError, match="heun"):
+        fused.MLPStack(3, 5, 4, scheme="heun", backward="adjoint_paper_code")
+
+
+@pytest.mark.parametrize("mode", ["autograd", "adjoint", "auto", "adjoint_stored"])
+@pytest.mark.parametrize("what", ["input", "parameter"])
+def test_in_place_change_before_backward_raises(mode, what):
+    msg = "one of the variables needed for gradient computation has been modified by an inplace"
+    for f, shape in (
+        (fused.MLPStack(4, 5, 3, backward=mode).double(), (3, 4)),
+        (fused.ConvStack(2, 3, backward=mode).double(), (2, 2, 3, 3)),
+    ):
+        x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        x_in = x * 1.0
+        y = f(x_in)
+        with torch.no_grad():
+            (x_in if what == "input" else next(f.parameters())).mul_(2.0)
+        with pytest.raises(RuntimeError, match=msg):
+            y.square().sum().backward()
+
+
+@pytest.mark.parametrize("mode", ["autograd", "adjoint", "auto"])
+def test_double_backward_raises_a_clear_error(mode):
+    f = fused.MLPStack(4, 5, 3, backward=mode).double()
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(f(x).square().sum(), x)  # a single backward works
+    with pytest.raises(RuntimeError, match=r"resode: a fused stage.*twice.*to_generic.*autograd"):
+        torch.autograd.grad(f(x).square().sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("refine", [1, 2])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_reverse_with_refine_matches_generic(scheme, refine):
+    for f, shape in ((_mlp_stage(scheme), (5, 4)), (_conv_stage(scheme), (4, 3, 5, 5))):
+        f.refine = refine
+        g = f.to_generic()
+        y = torch.randn(*shape, dtype=torch.float64)
+        _assert_close(f.reverse(y), g.reverse(y), f"reverse refine={refine}")
+        _assert_close(f.reverse(y, refine=0), g.reverse(y, refine=0), "reverse refine=0")
+        assert (f.reverse(y) - f.reverse(y, refine=0)).norm() > 1e-8 * y.norm()
+
+
+def test_constructors_and_conversions_carry_refine_tol_and_unit_step():
+    f = fused.MLPStack(3, 4, 5, scheme="heun", backward="auto", refine=2, tol=0.25, step="unit")
+    assert (f.refine, f.tol, f.step) == (2, 0.25, 0.25) and f.supports_refine
+    g = f.to_generic()
+    assert g.stage_kwargs() == f.stage_kwargs()
+    assert fused.MLPStack.from_generic(g).stage_kwargs() == f.stage_kwargs()
+    c = fused.ConvStack(2, 3, backward="auto", refine=1, tol=0.5)
+    assert fused.ConvStack.from_generic(c.to_generic()).stage_kwargs() == c.stage_kwargs()
+    assert fused.can_fuse(g) and isinstance(fused.fuse(g), fused.MLPStack)
+    gc = c.to_generic()
+    gc.backward = "adjoint_paper_code"
+    assert fused.can_fuse(gc) and fused.fuse(gc).backward == "adjoint_paper_code"
+    with pytest.raises(ValueError, match="refine must be"):
+        fused.MLPStack(3, 4, 5, refine=-1)
+    with pytest.raises(ValueError, match="tol must be"):
+        fused.ConvStack(2, 3, tol=0.0)
+    assert "refine=2" in repr(f) and "tol=0.25" in repr(f)
+
+
+def test_tiny_resnet_auto_engine_is_fused_and_takes_every_backward_mode():
+    model = resode.models.create("tiny_resnet", depth=4, channels=4, num_classes=3).double()
+    assert isinstance(model.layer1, fused.ConvStack)
+    _randomise_bn(model.layer1)  # the zero-initialised last BN makes every f_n zero: no drift
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    target = torch.tensor([0, 1, 2, 0])
+    ref = model.layer1.to_generic()
+    with resode.backward_mode(model, "auto"):
+        nn.functional.cross_entropy(model(x), target).backward()
+    assert model.layer1.last_backward.mode == "auto" and model.layer1.backward == "autograd"
+    resode.set_backward(model, "auto", refine=1, tol=1e-300)
+    assert (model.layer1.backward, model.layer1.refine, model.layer1.tol) == ("auto", 1, 1e-300)
+    nn.functional.cross_entropy(model(x), target).backward()
+    r = model.layer1.last_backward
+    assert r.fell_back and r.exact and r.refine == 1
+    assert resode.backward_reports(model)["layer1"] is r
+    assert ref.depth == model.layer1.depth
 
 
 # ---------------------------------------------------------------------------------- error rates
@@ -458,7 +686,7 @@ def _flat(out):
 
 @pytest.mark.parametrize("activation", ["tanh", "gelu"])
 @pytest.mark.parametrize("scheme", SCHEMES)
-@pytest.mark.parametrize("mode", ["autograd", "adjoint", "adjoint_stored"])
+@pytest.mark.parametrize("mode", ["autograd", "adjoint", "adjoint_stored", "auto"])
 def test_fake_kernels_match_the_real_ops(activation, scheme, mode):
     """Every fake kernel gives the shapes, dtypes and devices of the real op's outputs."""
     lib, t = _ops.library(), _ops.table()
@@ -474,9 +702,9 @@ def test_fake_kernels_match_the_real_ops(activation, scheme, mode):
     conv_fwd = (xc, params, running, *ids[:3], True, True, 0.1, 1e-5, ids[3], True)
     calls = [
         (lib.mlp_forward, (x, *p, act, *ids, True)),
-        (lib.mlp_reverse, (x, *p, act, *ids[:3])),
+        (lib.mlp_reverse, (x, *p, act, *ids[:3], 1)),
         (lib.conv_forward, conv_fwd),
-        (lib.conv_reverse, (xc, params, running, *ids[:3], True, 1e-5)),
+        (lib.conv_reverse, (xc, params, running, *ids[:3], True, 1e-5, 1)),
     ]
     with torch.no_grad():
         for op, args in calls:
@@ -487,12 +715,14 @@ def test_fake_kernels_match_the_real_ops(activation, scheme, mode):
                 assert (r.shape, r.dtype, r.device) == (k.shape, k.dtype, k.device), op
         y, saved = lib.mlp_forward(x, *p, act, *ids, True)
         g = torch.randn_like(y)
-        real, fake = _fake_and_real(lib.mlp_backward, g, y, saved, *p, act, *ids)
-        assert [r.shape for r in real] == [k.shape for k in fake]
+        real, fake = _fake_and_real(lib.mlp_backward, g, y, x, saved, *p, act, *ids, 1, 0.01)
+        real, fake = _flat(real), _flat(fake)
+        assert [(r.shape, r.dtype) for r in real] == [(k.shape, k.dtype) for k in fake]
         y, saved, _, _ = lib.conv_forward(*conv_fwd)
-        args = (torch.randn_like(y), y, saved, params, running, *ids[:3], True, 1e-5, ids[3])
-        real, fake = _fake_and_real(lib.conv_backward, *args)
-        assert [r.shape for r in real] == [k.shape for k in fake]
+        args = (torch.randn_like(y), y, xc, saved, params, running, *ids[:3], True, 1e-5)
+        real, fake = _fake_and_real(lib.conv_backward, *args, ids[3], 2, 0.01)
+        real, fake = _flat(real), _flat(fake)
+        assert [(r.shape, r.dtype) for r in real] == [(k.shape, k.dtype) for k in fake]
 
 
 def test_op_table_agrees_with_the_python_side():
@@ -524,17 +754,20 @@ def _train_step(stage, call, x, w):
     return y.detach(), xi.grad, grads, {n: b.clone() for n, b in stage.named_buffers()}
 
 
-@pytest.mark.parametrize("backward", MODES)
+@pytest.mark.parametrize("backward", [*MODES, "auto"])
 def test_torch_compile_matches_eager(backward):
     """torch.compile(fullgraph=True, inductor) of both fused stages: the outputs, the input and
-    parameter gradients and the BatchNorm buffers equal eager mode's (float64). Once failed on the
-    conv stage's mutable schema (functionalization, issue 12). ~50 s for both modes on 2 busy
-    cores with an empty inductor cache, ~20 s with a warm one."""
+    parameter gradients and the BatchNorm buffers equal eager mode's (float64); "auto" (refine=1)
+    falls back inside the compiled backward as in eager mode. Once failed on the conv stage's
+    mutable schema (functionalization, issue 12). A compiled stage has no backward report
+    (last_backward is None). ~75 s for the three modes on 2 busy cores with an empty inductor
+    cache, ~30 s with a warm one."""
     import copy
 
+    kw = dict(refine=1, tol=1e-300) if backward == "auto" else {}
     stages = (
-        (fused.MLPStack(3, 5, 4, scheme="heun", backward=backward), (4, 3)),
-        (fused.ConvStack(2, 3, backward=backward, zero_init_last_bn=False), (3, 2, 4, 4)),
+        (fused.MLPStack(3, 5, 4, scheme="heun", backward=backward, **kw), (4, 3)),
+        (fused.ConvStack(2, 3, backward=backward, zero_init_last_bn=False, **kw), (3, 2, 4, 4)),
     )
     for eager, shape in stages:
         eager = eager.double()
@@ -552,6 +785,8 @@ def test_torch_compile_matches_eager(backward):
             for k in ref[3]:
                 assert torch.equal(got[3][k], ref[3][k]), k
             eager.zero_grad(), compiled.zero_grad()
+        assert compiled.last_backward is None and eager.last_backward.mode == backward
+        assert eager.last_backward.fell_back == (backward == "auto")
         assert eager.training and (shape[1] == 3 or eager.bn1_num_batches_tracked.sum() > 0)
 
 
@@ -587,11 +822,11 @@ v, c2, s = torch.randn(6, **d), torch.randn(2, **d), (0, 0.5, 1)  # scheme, h, d
 bn = (True, True, 0.1, 1e-5)  # training, update_stats, momentum, eps
 cases = [  # (op, words the message must contain, arguments)
     ("mlp_forward", "dtype", (x, w1, None, w2.float(), None, 0, *s, 0, False)),
-    ("mlp_backward", "stored tensors", (x, x, [], w1, None, w2, None, 0, *s, 0)),
-    ("mlp_reverse", "activation", (x, w1, None, w2, None, 9, *s)),
+    ("mlp_backward", "stored tensors", (x, x, x, [], w1, None, w2, None, 0, *s, 0, 0, 0.1)),
+    ("mlp_reverse", "refine", (x, w1, None, w2, None, 0, *s, -1)),
     ("conv_forward", "parameter tensors", (xc, params[:7], running, *s, *bn, 0, False)),
-    ("conv_backward", "mode", (xc, xc, [], params, running, *s, True, 1e-5, 7)),
-    ("conv_reverse", "4-D", (x, params, running, *s, True, 1e-5)),
+    ("conv_backward", "mode", (xc, xc, xc, [], params, running, *s, True, 1e-5, 7, 0, 0.1)),
+    ("conv_reverse", "4-D", (x, params, running, *s, True, 1e-5, 0)),
     ("_act_forward", "elements", (v, v[:5], 0)),
     ("_act_backward", "activation", (v, v, v, 5, 1.0)),
     ("_axpby", "dtype", (v, v, 1.0, v.float(), 1.0)),
@@ -601,6 +836,10 @@ cases = [  # (op, words the message must contain, arguments)
     ("_bn_apply", "per-channel", (xc, c2, c2, c2, v, True, None, xc, None, 1.0)),
     ("_bn_backward_reduce", "elements", (xc, x, xc, c2, c2)),
     ("_bn_backward_apply", "dtype", (xc, None, xc, c2, c2, c2, c2, 1.0, True, xc.int())),
+    ("_sqdist_max", "accumulator", (v, v, torch.zeros(2, **d))),
+    ("mlp_backward", "tol", (x, x, x, [], w1, None, w2, None, 0, *s, 1, 0, 0.0)),
+    ("conv_backward", "stage input", (xc, xc, xc[:1], [], params, running, *s, True, 1e-5, 3, 1,
+                                      0.1)),
 ]
 ops = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n[:8] == "resode::"}
 missing = ops - {c[0] for c in cases} - {"table", "has_cuda"}
@@ -620,7 +859,7 @@ def test_every_op_raises_on_a_bad_argument():
     """Each op called through torch.ops.resode with a bad argument raises a Python exception
     naming the problem, in a child process (a crash would be a segfault there: issue 11)."""
     out = _run_child(_BAD_CALLS)
-    assert out.count("ok ") == 15, out
+    assert out.count("ok ") == 18, out
 
 
 def test_fused_stage_without_the_extension_says_what_to_do():
@@ -672,3 +911,79 @@ def test_direct_op_call_with_parameters_that_require_grad():
     out, _ = ops.mlp_forward(x, f.w1, f.b1, f.w2, f.b2, 0, 0, 1 / 3, 3, 0, False)
     with torch.no_grad():
         torch.testing.assert_close(out, f(x), rtol=1e-12, atol=1e-12)
+    g = torch.ones_like(out)
+    grads, report = ops.mlp_backward(
+        g, out, x, [], f.w1, f.b1, f.w2, f.b2, 0, 0, 1 / 3, 3, 3, 1, 1.0
+    )
+    assert report.shape == (3,) and report[2] == 0 and 0 < report[0] < 1.0
+
+
+# -------------------------------------------------------- engine="auto" without the extension
+_AUTO_ENGINE = r"""
+import sys, warnings
+{setup}
+import torch
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("{filter}")
+    import resode
+    from resode.stack import ResidualStack
+    {patch}
+    for _ in range(3):
+        model = resode.models.create("tiny_resnet", depth=2, channels=2, engine="auto")
+        assert type(model.layer1) is ResidualStack, type(model.layer1)
+mine = [w for w in caught if issubclass(w.category, RuntimeWarning) and "resode" in str(w.message)]
+print("warnings", len(mine), [str(w.message)[:600] for w in mine])
+print("ok")
+"""
+
+
+@pytest.mark.parametrize(
+    "case,expected",
+    [("disabled", 0), ("load fails", 1), ("no CUDA kernels", 1)],
+)
+def test_auto_engine_warns_once_when_the_extension_cannot_run(case, expected):
+    """engine="auto" falls back to the generic engine with exactly one warning (three models
+    built), and silently when RESODE_DISABLE_EXTENSION=1 turned the extension off."""
+    setup, patch, env, filt = "", "", {}, "always"
+    if case == "disabled":
+        env = dict(RESODE_DISABLE_EXTENSION="1")
+    elif case == "load fails":
+        setup = "sys.modules['resode._C'] = None  # the prebuilt library cannot be imported"
+        env = dict(RESODE_NO_JIT="1")
+    else:  # a GPU is visible, the extension has no kernels for it
+        patch = (
+            "torch.cuda.is_available = lambda: True\n"
+            "    resode.fused.available_for = lambda d='cpu': torch.device(d).type == 'cpu'"
+        )
+        filt = "default"  # Python's default filter: a repeated warning is shown once
+    code = _AUTO_ENGINE.format(setup=setup, patch=patch, filter=filt)
+    out = _run_child(code, **env)
+    assert f"warnings {expected} " in out, out
+    if case == "no CUDA kernels":
+        assert "engine='generic'" in out and "CUDA" in out, out
+
+
+def test_auto_engine_does_not_hide_errors(monkeypatch):
+    """An error while building the fused stage is a bug: it propagates (no blanket except)."""
+
+    def broken(stack):
+        raise ValueError("broken from_generic")
+
+    monkeypatch.setattr(fused.ConvStack, "from_generic", broken)
+    with pytest.raises(ValueError, match="broken from_generic"):
+        resode.models.create("tiny_resnet", depth=2, channels=2, engine="auto")
+
+
+def test_paper_code_mode_runs_eagerly_under_torch_compile():
+    """adjoint_paper_code's eval-mode switch is a side effect: the stage runs eagerly behind a
+    graph break (no fullgraph), and the switch still happens."""
+    f = fused.MLPStack(3, 5, 4, backward="adjoint_paper_code").double()
+    g = f.to_generic()
+    fn = torch.compile(nn.Sequential(nn.Identity(), f), backend="eager")
+    x = torch.randn(4, 3, dtype=torch.float64)
+    for stage, call in ((f, fn), (g, g)):
+        xi = x.clone().requires_grad_(True)
+        call(xi).square().sum().backward()
+        stage.grad_x = xi.grad
+    assert not f.training and f.last_backward.mode == "adjoint_paper_code"
+    _assert_close(f.grad_x, g.grad_x, "input grad")

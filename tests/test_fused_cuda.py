@@ -7,6 +7,10 @@ training-mode BatchNorm, whose exact gradient is zero). The two engines differ o
 summation order (our fused kernels vs cuDNN / PyTorch's BN), so the observed errors are ~1e-6.
 bfloat16: forward and backward run, are finite, and agree with float32 to 5e-2 relative
 (outputs) and 1e-1 relative (gradients; plus 2e-2 x the largest gradient norm as a floor).
+refine / drift report / backward="auto" (issue 10 item 7): the same float32 tolerances for the
+outputs and gradients; the reports agree in every field, and in drift and max_step_error to
+1e-3 relative plus 1e-5 absolute (both are norms of differences of O(1) float32 tensors, so
+their rounding error is ~1e-7 absolute, amplified by the reconstruction).
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ def _step(stage, x, w):
 
 
 def _compare(f, x_shape, pairs_fn, buffers=False):
+    """Fused vs generic on the same GPU (one forward and backward); returns the generic stage."""
     g = f.to_generic()
     x = torch.randn(*x_shape, device="cuda")
     w = torch.randn(*x_shape, device="cuda")
@@ -76,6 +81,7 @@ def _compare(f, x_shape, pairs_fn, buffers=False):
             assert _rel(f.bn1_running_mean[i], blk[1].running_mean) < 1e-4
             assert _rel(f.bn2_running_var[i], blk[4].running_var) < 1e-4
             assert int(f.bn1_num_batches_tracked[i]) == int(blk[1].num_batches_tracked)
+    return g
 
 
 def _mlp_pairs(f, g):
@@ -200,15 +206,92 @@ def test_reverse_cuda(scheme):
         assert all(torch.equal(v, buffers[k]) for k, v in f.state_dict().items())
 
 
-@pytest.mark.parametrize("backward", MODES)
+@pytest.mark.parametrize("mode,tol", [("adjoint", 1e-2), ("auto", 1e30), ("auto", 1e-30)])
+@pytest.mark.parametrize("refine", [0, 2])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_refine_drift_auto_parity_cuda(scheme, refine, mode, tol):
+    """refine, the drift report and auto (kept / falling back) on the GPU = the generic engine
+    on the same GPU (float32; tolerances in the module docstring)."""
+    kw = dict(scheme=scheme, backward=mode, refine=refine, tol=tol)
+    conv = fused.ConvStack(8, 4, **kw).cuda()
+    with torch.no_grad():
+        conv.bn2_weight.uniform_(0.5, 1.5)
+    for f, shape, pairs in (
+        (fused.MLPStack(16, 32, 8, activation="tanh", **kw).cuda(), (64, 16), _mlp_pairs),
+        (conv, (16, 8, 10, 10), _conv_pairs),
+    ):
+        g = _compare(f, shape, pairs, buffers=isinstance(f, fused.ConvStack))
+        rf, rg = f.last_backward, g.last_backward
+        fields = ("mode", "exact", "fell_back", "refine", "num_steps", "tol")
+        assert [getattr(rf, k) for k in fields] == [getattr(rg, k) for k in fields]
+        assert rf.fell_back == (tol == 1e-30)
+        for k in ("drift", "max_step_error"):
+            a, b = getattr(rf, k), getattr(rg, k)
+            assert abs(a - b) <= 1e-3 * abs(b) + 1e-5, (k, a, b)
+        assert rf.drift_tensor.is_cuda and rf.drift_tensor.dtype == torch.float32
+
+
+def test_auto_fallback_is_exact_cuda():
+    """Step 1, strong residuals: auto falls back and returns the exact mode's gradients."""
+    torch.manual_seed(0)
+    f = fused.ConvStack(8, 4, step=1.0).cuda()
+    with torch.no_grad():
+        f.bn2_weight.normal_(0.0, 3.0)
+    x = torch.randn(16, 8, 8, 8, device="cuda")
+    w = torch.randn_like(x)
+    grads = {}
+    for mode in ("autograd", "auto"):
+        f.backward = mode
+        _, gx = _step(f, x, w)
+        grads[mode] = torch.cat([gx.flatten()] + [p.grad.flatten() for p in f.parameters()])
+    assert f.last_backward.fell_back and f.last_backward.exact
+    assert _rel(grads["auto"], grads["autograd"]) < 1e-5
+
+
+def test_sqdist_max_kernel_cuda():
+    """The drift check's reduction: acc = max(acc, sum((a - b)^2)), deterministic, nan kept."""
+    lib = _ops.library()
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        a = torch.randn(3_000_001, device="cuda").to(dtype)  # more blocks than partial sums
+        b = torch.randn(3_000_001, device="cuda").to(dtype)
+        acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        acc = torch.zeros(1, device="cuda", dtype=acc_dtype)
+        lib._sqdist_max(a, b, acc)
+        ref = (a.double() - b.double()).square().sum()
+        assert abs(float(acc) - float(ref)) <= 1e-5 * float(ref)
+        first = acc.clone()
+        lib._sqdist_max(a[:10], b[:10], acc)  # smaller: the max keeps the first value
+        assert torch.equal(acc, first)
+        lib._sqdist_max(a, b, acc)
+        assert torch.equal(acc, first)  # same order of summation: the same bits
+        lib._sqdist_max(a.clone().fill_(float("nan")), b, acc)
+        assert torch.isnan(acc).all()
+
+
+def test_bfloat16_auto_and_refine_run_cuda():
+    f = fused.MLPStack(32, 64, 8, scheme="heun", backward="auto", refine=1).cuda()
+    f = f.to(torch.bfloat16)
+    x = torch.randn(64, 32, device="cuda")
+    y, gx = _step(f, x.to(torch.bfloat16), torch.randn(64, 32, device="cuda"))
+    assert torch.isfinite(gx).all() and all(torch.isfinite(p.grad).all() for p in f.parameters())
+    r = f.last_backward
+    assert r.drift_tensor.dtype == torch.float32 and r.drift >= 0 and r.max_step_error >= 0
+
+
+@pytest.mark.parametrize("backward", [*MODES, "auto"])
 def test_torch_compile_cuda(backward):
     """torch.compile (inductor, fullgraph) of both fused stages on the GPU: outputs, input and
-    parameter gradients and BN buffers match eager mode (float32, 1e-5 relative)."""
+    parameter gradients and BN buffers match eager mode (float32, 1e-5 relative); auto falls
+    back inside the compiled backward."""
     import copy
 
+    kw = dict(refine=1, tol=1e-30) if backward == "auto" else {}  # auto falls back
     for eager, shape in (
-        (fused.MLPStack(16, 32, 6, scheme="heun", backward=backward).cuda(), (32, 16)),
-        (fused.ConvStack(8, 3, backward=backward, zero_init_last_bn=False).cuda(), (8, 8, 6, 6)),
+        (fused.MLPStack(16, 32, 6, scheme="heun", backward=backward, **kw).cuda(), (32, 16)),
+        (
+            fused.ConvStack(8, 3, backward=backward, zero_init_last_bn=False, **kw).cuda(),
+            (8, 8, 6, 6),
+        ),
     ):
         compiled = copy.deepcopy(eager)
         fn = torch.compile(compiled, fullgraph=True)

@@ -14,6 +14,7 @@ import warnings
 import torch
 from torch import nn
 
+from .. import _ext
 from ..stack import ResidualStack
 
 #: the values of every model's ``engine`` keyword
@@ -39,16 +40,39 @@ def fused_available() -> bool:
     return ok
 
 
+def _warn_generic_fallback() -> None:
+    """``engine="auto"`` falls back to the generic engine: say so once, unless the extension was
+    turned off on purpose (``RESODE_DISABLE_EXTENSION=1``). When the library failed to load,
+    :func:`resode._ext.load` has already warned once, naming the cause."""
+    status = _ext.load()
+    if status.disabled or not status.cpu:
+        return
+    why = status.reason or "no kernels for a visible device"
+    warnings.warn(
+        "resode: engine='auto' builds generic stages (same numbers, slower): the fused "
+        f"extension cannot run on every device of this machine ({why}). Build it "
+        "with its CUDA kernels (`pip install --no-build-isolation -e .` with a CUDA toolkit), "
+        "or pass engine='generic' to choose the generic engine on purpose.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
 def select_engine(stack: ResidualStack, engine: str, fused_name: str) -> nn.Module:
     """``stack`` itself or the fused stage ``resode.fused.<fused_name>`` built from it.
 
     Args:
-        stack: the generic stage (the reference, already initialised).
+        stack: the generic stage (the reference, already initialised; its backward mode,
+            ``refine``, ``tol`` and step carry over to the fused stage).
         engine: ``"generic"``, ``"fused"`` or ``"auto"`` (see the module docstring).
         fused_name: the fused stage class of :mod:`resode.fused` equivalent to ``stack``.
 
     Raises:
         RuntimeError: ``engine="fused"`` without a usable extension.
+
+    With ``engine="auto"`` and no usable extension one warning says why the generic engine runs
+    (none when ``RESODE_DISABLE_EXTENSION=1`` turned the extension off). Errors while building
+    the fused stage are not hidden: they are bugs.
     """
     check_engine(engine)
     if engine == "generic":
@@ -59,22 +83,15 @@ def select_engine(stack: ResidualStack, engine: str, fused_name: str) -> nn.Modu
                 "engine='fused' needs the compiled extension (resode._C), which is not available; "
                 "build it (pip install -e .) or use engine='generic'"
             )
+        _warn_generic_fallback()
         return stack
     from .. import fused  # lazy, see fused_available
 
-    try:
-        # The fused constructor initialises (then overwrites) its parameters: keep the global
-        # RNG where the generic engine leaves it, so the layers built after this stage get the
-        # same weights under both engines for the same seed.
-        with torch.random.fork_rng(devices=[]):
-            return getattr(fused, fused_name).from_generic(stack)
-    except Exception as e:  # pragma: no cover - depends on the extension
-        if engine == "fused":
-            raise
-        warnings.warn(
-            f"fused {fused_name} unavailable ({e}); using the generic engine", stacklevel=3
-        )
-        return stack
+    # The fused constructor initialises (then overwrites) its parameters: keep the global RNG
+    # where the generic engine leaves it, so the layers built after this stage get the same
+    # weights under both engines for the same seed.
+    with torch.random.fork_rng(devices=[]):
+        return getattr(fused, fused_name).from_generic(stack)
 
 
 def no_fused_engine(engine: str, family: str) -> str:

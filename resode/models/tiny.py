@@ -54,8 +54,9 @@ class TinyResNet(StageModel):
             :class:`resode.Stage`. ``refine``/``tol``: ``resode.backward_mode(model, mode,
             refine=K)`` or the stage's attributes.
         tied: one residual function shared by all ``depth`` steps.
-        engine: ``"auto"`` (fused stage when the extension is available, else generic),
-            ``"generic"`` or ``"fused"``.
+        engine: ``"auto"`` (fused stage when the extension is available, else generic, with
+            one warning unless ``RESODE_DISABLE_EXTENSION=1``), ``"generic"`` or ``"fused"``.
+            Both engines implement every backward mode, ``refine`` and ``tol``.
         pool_size: side of the pooled feature map fed to the linear layer. The paper uses
             ``AvgPool2d(4)`` on the stem output; we use an adaptive average pool to
             ``pool_size x pool_size`` (default 2) so every input size works. On 28x28 inputs
