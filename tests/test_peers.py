@@ -146,7 +146,7 @@ def test_default_run_plan():
     assert a.workloads == ["mlp", "conv", "mlp-narrow"]
     assert a.depths_of["conv"] == a.peak_depths_of["conv"] == (16, 64, 256, 1024)
     assert a.time_depths_of == {"mlp": (64,), "conv": (64,), "mlp-narrow": (256,)}
-    assert a.isolate == "method" and a.pin_mmap_threshold and a.reps == 5
+    assert a.isolate == "method" and a.pin_mmap_threshold and a.reps == 3
     g = peers.parse_args(["--device", "cuda", "--no-pin-mmap-threshold"])
     assert g.isolate == "point" and not g.pin_mmap_threshold
     assert g.depths_of == a.depths_of and g.time_depths_of == a.time_depths_of
@@ -154,19 +154,17 @@ def test_default_run_plan():
     assert q.depths_of["mlp"] == (4, 16) and q.time_depths_of["mlp"] == (16,)
 
 
-def test_cost_estimate_and_skips():
-    # at least N^2 for torchdiffeq, or the growth measured between the two largest depths
-    assert peers._estimate({16: 1.0, 64: 4.0}, 256, 2.0) == pytest.approx(64.0)
-    assert peers._estimate({16: 1.0, 64: 32.0}, 256, 2.0) == pytest.approx(32.0 * 4**2.5)
-    assert peers._estimate({}, 256, 2.0) is None
+def test_skips():
     args = peers.parse_args(["--max-activation-gib", "1"])
-    history = {"step_s": {"torchdiffeq": {64: 2.0, 256: 80.0}}, "act_b": {"plain": {256: 2**29}}}
-    history["act_b"]["torchdiffeq"] = {}
-    history["step_s"]["plain"] = {}
-    assert "step not run" in peers._step_skip("torchdiffeq", 1024, history)
-    assert peers._step_skip("torchdiffeq", 64, history) is None
+    history = {"act_b": {"plain": {64: 2**27, 256: 2**29}, "generic-euler-adjoint": {}}}
+    assert peers._estimate(history["act_b"]["plain"], 1024) == 2**31
     assert "activations 2.0 GiB" in peers._point_skip("plain", 1024, history, args)
     assert peers._point_skip("plain", 256, history, args) is None
+    assert peers._point_skip("generic-euler-adjoint", 1024, history, args) is None
+    # torchdiffeq's O(N^2) step: not above --torchdiffeq-max-step-depth (its saved bytes are)
+    assert "step not run above depth 64" in peers._step_skip("torchdiffeq", 256, args)
+    assert peers._step_skip("torchdiffeq", 64, args) is None
+    assert peers._step_skip("plain", 1024, args) is None
 
 
 def test_a_process_server_started_with_the_other_mmap_setting_is_refused():
