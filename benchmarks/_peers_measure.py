@@ -1,11 +1,13 @@
 """What ``peers.py`` runs inside its measuring processes (one call = one fresh process).
 
 * :func:`measure_method` -- one (workload, depth, method): the peak memory of one training step,
-  then the step times, then the activation bytes. ``peers.py`` runs it in a fresh process per
-  method (``--isolate method``, the CPU default) so that every method starts from an empty
-  allocator and depth 1024 fits in memory.
+  then the activation bytes. ``peers.py`` runs it in a fresh process per method
+  (``--isolate method``, the CPU default) so that every method starts from an empty allocator
+  and depth 1024 fits in memory.
 * :func:`measure_point` -- every method of one (workload, depth) in turn, in one process
   (``--isolate point``, the CUDA default: the caching allocator's counters are exact per method).
+* :func:`time_methods` -- the step times of every method at one (workload, depth), interleaved
+  round-robin in one process (run in a process with glibc's default malloc settings).
 * :func:`gradient_worker` -- relative gradient error of each method against exact autograd of
   the same scheme, in float64.
 """
@@ -18,7 +20,7 @@ import time
 from typing import Any
 
 import torch
-from _common import load_average, median, synchronize, time_calls
+from _common import load_average, median, synchronize
 from _peers_methods import (
     METHOD_BY_KEY,
     PlainLoop,
@@ -73,20 +75,13 @@ def _process_info(load_start: list[float] | None, started: float) -> dict[str, A
 
 
 def measure_method(
-    cfg: dict[str, Any],
-    depth: int,
-    key: str,
-    device: str,
-    peak: bool = True,
-    warmup: int = 1,
-    reps: int = 0,
+    cfg: dict[str, Any], depth: int, key: str, device: str, peak: bool = True
 ) -> dict[str, Any]:
-    """One (workload, depth, method) in this process.
+    """Memory of one (workload, depth, method), in this process.
 
-    In order: warm the libraries up with one step of a 2-block copy; with ``peak`` (or
-    ``reps``), the peak memory of the first training step of the full network; ``warmup`` more
-    steps and ``reps`` timed steps (``time_s`` = their median); last, the activation bytes of one
-    forward. Returns ``{"status": "ok", ...}`` or ``{"status": <why not>}``.
+    In order: with ``peak``, one warm-up step on a 2-block copy (thread pools, kernels) and the
+    peak memory of the first training step of the full network; then the activation bytes of
+    one forward. Returns ``{"status": "ok", ...}`` or ``{"status": <why not>}``.
     """
     started, load_start = time.perf_counter(), load_average()
     method = METHOD_BY_KEY[key]
@@ -94,22 +89,16 @@ def measure_method(
     try:
         blocks = make_blocks(cfg, depth, device=device)
         x = make_input(cfg, device=device)
-        out: dict[str, Any] = {"status": "ok"}
-        if peak or reps:
+        if peak:
             small = make_blocks(cfg, 2, seed=1, device=device)
             make_train_step(build_method(method, small, cfg), x)()
             del small
         model = build_method(method, blocks, cfg)
     except Unavailable as e:
         return {"status": str(e)}
-    step = make_train_step(model, x)
-    if peak or reps:
-        out.update(peak_of_step(model, step, x, device))
-        if not peak:  # (a timing-only repeat: its peak is not a fresh-process figure)
-            out.pop("peak_step_bytes")
-    if reps:
-        times = time_calls(step, device, warmup=warmup, reps=reps)
-        out.update(times_s=times, time_s=median(times))
+    out: dict[str, Any] = {"status": "ok"}
+    if peak:
+        out.update(peak_of_step(model, make_train_step(model, x), x, device))
     for p in trainable(model):
         p.grad = None
     out["activation_bytes"] = activation_bytes(model, x)
@@ -118,23 +107,51 @@ def measure_method(
 
 
 def measure_point(
-    cfg: dict[str, Any],
-    depth: int,
-    jobs: dict[str, tuple[bool, int]],
-    device: str,
-    warmup: int = 1,
+    cfg: dict[str, Any], depth: int, jobs: dict[str, bool], device: str
 ) -> dict[str, Any]:
-    """:func:`measure_method` for every method of ``jobs`` (``{key: (peak, reps)}``), one
-    after the other, in this process (the allocator's peak counters are reset per method:
-    exact on CUDA; on CPU the peaks are not fresh-process figures)."""
+    """:func:`measure_method` for every method of ``jobs`` (``{key: peak}``), one after the
+    other, in this process (the allocator's peak counters are reset per method: exact on
+    CUDA; on CPU the peaks are not fresh-process figures)."""
     out = {}
-    for k, (peak, reps) in jobs.items():
+    for k, peak in jobs.items():
         try:
-            out[k] = measure_method(cfg, depth, k, device, peak, warmup, reps)
+            out[k] = measure_method(cfg, depth, k, device, peak)
         except Exception as e:  # noqa: BLE001 - a failing method is reported, not fatal
             out[k] = {"status": f"failed: {type(e).__name__}: {e}"}
         if device == "cuda":
             torch.cuda.empty_cache()
+    return out
+
+
+def time_methods(
+    cfg: dict[str, Any], depth: int, keys: list[str], device: str, warmup: int, reps: int
+) -> dict[str, Any]:
+    """Step times of every method of ``keys`` at one (workload, depth), in this process:
+    ``warmup`` rounds, then ``reps`` timed rounds, each round one step of every method in turn
+    (round-robin, so that a change of the machine's load hits every method alike). Returns
+    ``{key: {"times_s", "time_s"}}`` and ``"process"``."""
+    started, load_start = time.perf_counter(), load_average()
+    torch.manual_seed(0)
+    blocks = make_blocks(cfg, depth, device=device)
+    x = make_input(cfg, device=device)
+    out: dict[str, Any] = {}
+    steps = {}
+    for k in keys:
+        try:
+            steps[k] = make_train_step(build_method(METHOD_BY_KEY[k], blocks, cfg), x)
+        except Unavailable as e:
+            out[k] = {"status": str(e)}
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for r in range(warmup + reps):
+        for k, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            synchronize(device)
+            if r >= warmup:
+                times[k].append(time.perf_counter() - t0)
+    for k, ts in times.items():
+        out[k] = {"status": "ok", "times_s": ts, "time_s": median(ts)}
+    out["process"] = _process_info(load_start, started)
     return out
 
 

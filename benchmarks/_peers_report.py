@@ -142,8 +142,10 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- markdown
-def _table(head: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+def _table(head: list[str], rows: list[list[str]], numbers: bool = True) -> list[str]:
+    """A Markdown table; with ``numbers`` every column but the first is right-aligned."""
+    cell = "---:|" if numbers else "---|"
+    lines = ["| " + " | ".join(head) + " |", "|---|" + cell * (len(head) - 1)]
     return lines + ["| " + " | ".join(r) + " |" for r in rows] + [""]
 
 
@@ -176,11 +178,11 @@ def _header(result: dict[str, Any]) -> list[str]:
         f"by a measuring process {load.get('max_seen')}.  ",
         f"Fused engine: {result['fused']}.  Run time: {result['elapsed_s'] / 60:.1f} min.  ",
         f"Command: `{result['command']}`.  ",
-        f"Processes: one per {s['isolate']} (`--isolate {s['isolate']}`); glibc mmap threshold "
-        f"in the measuring processes: {pin}.  ",
-        f"Step: {s['step']}; time = median of {s['reps']} steps after the peak-memory step and "
-        f"{s['warmup']} warm-up(s), at the timed depths {s['time_depths']}; the baseline `plain` "
-        "is timed at the start and again at the end of each timed depth (both runs pooled).",
+        f"Memory: one fresh process per {s['isolate']} (`--isolate {s['isolate']}`); glibc mmap "
+        f"threshold in those processes: {pin}.  ",
+        f"Step: {s['step']}.  ",
+        f"Time: median of {s['reps']} rounds after {s['warmup']} warm-up round(s), at the timed "
+        f"depths {s['time_depths']}; {s['timing']}.",
         "",
     ]
 
@@ -302,6 +304,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     lines += _table(
         ["target", "status", "measured"],
         [[t["target"], t["status"], t["measured"]] for t in result["targets"]],
+        numbers=False,
     )
     return "\n".join(lines)
 

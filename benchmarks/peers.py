@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing as mp
 import os
 import sys
 import time
@@ -46,7 +47,12 @@ if (_HERE.parent / "resode" / "__init__.py").exists():  # run from a checkout
 
 import _common  # noqa: E402
 import torch  # noqa: E402
-from _peers_measure import gradient_worker, measure_method, measure_point  # noqa: E402
+from _peers_measure import (  # noqa: E402
+    gradient_worker,
+    measure_method,
+    measure_point,
+    time_methods,
+)
 from _peers_methods import (  # noqa: E402, F401 - the names the tests and users reach
     METHOD_BY_KEY,
     METHODS,
@@ -77,10 +83,10 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     "mlp-narrow": {"kind": "mlp", "batch": 128, "dim": 64, "hidden": 64},
 }
 DEFAULT_WORKLOADS = ("mlp", "conv", "mlp-narrow")
-#: memory (saved bytes and fresh-process peak) at every depth
-DEFAULT_DEPTHS = (16, 64, 256, 1024)
-#: step times at a mid depth only (the time ratios barely move with depth, and a timed point
-#: costs ``1 + warmup + reps`` steps of every method)
+#: memory (saved bytes and fresh-process peak) at every depth (``--depths 16 64 256 1024`` adds
+#: a point: about 5 more minutes on 2 shared cores)
+DEFAULT_DEPTHS = (16, 64, 1024)
+#: step times at a mid depth only (the time ratios barely move with depth)
 DEFAULT_TIME_DEPTHS = (64,)
 #: workloads with their own default depths (the narrow MLP only where the extension issue sets
 #: its target)
@@ -144,12 +150,13 @@ def _point_skip(
     return None
 
 
-def _plan_point(w, depth, keys, history, args, fstatus, result) -> tuple[dict, dict]:
-    """At (``w``, ``depth``): the statuses of the methods not run, and ``{key: (peak, reps)}``
-    for those run (peak: measure the step's peak memory; reps: timed steps)."""
+def _plan_point(w, depth, keys, history, args, fstatus, result) -> tuple[dict, dict, list]:
+    """At (``w``, ``depth``): the statuses of the methods not run, the memory jobs
+    ``{key: peak}`` (peak: measure the step's peak memory too) and the keys to time."""
     timed, peak = depth in args.time_depths_of[w], depth in args.peak_depths_of[w]
     point: dict[str, Any] = {}
-    jobs: dict[str, tuple[bool, int]] = {}
+    jobs: dict[str, bool] = {}
+    to_time: list[str] = []
     for k in keys:
         m = METHOD_BY_KEY[k]
         if m.family == "fused" and fstatus != "available":
@@ -160,12 +167,13 @@ def _plan_point(w, depth, keys, history, args, fstatus, result) -> tuple[dict, d
             point[k] = {"status": why}
             result["skipped"].append(f"{w} depth {depth} {k}: {why}")
         elif (why := _step_skip(k, depth, args)) is not None and (peak or timed):
-            jobs[k] = (False, 0)
+            jobs[k] = False
             point[k] = {"step_skipped": why}
             result["skipped"].append(f"{w} depth {depth} {k}: {why} (saved bytes measured)")
         else:
-            jobs[k] = (peak, args.reps if timed else 0)
-    return point, jobs
+            jobs[k] = peak
+            to_time += [k] if timed else []
+    return point, jobs, to_time
 
 
 # --------------------------------------------------------------------------- measuring
@@ -188,23 +196,22 @@ def _in_child(pool, fn, *fn_args, args: argparse.Namespace) -> Any:
 
 
 def _measure_methods(pool, cfg, depth, jobs, args, bar) -> dict[str, Any]:
-    """Every method of ``jobs`` at one depth: a process per method or one for them all."""
+    """The memory of every method of ``jobs`` at one depth: a process per method, or one
+    for them all (``--isolate point``)."""
     if args.isolate == "point":
-        fn_args = (cfg, depth, jobs, args.device, args.warmup)
         try:
-            out = _in_child(pool, measure_point, *fn_args, args=args)
+            out = _in_child(pool, measure_point, cfg, depth, jobs, args.device, args=args)
         except RuntimeError as e:
             out = {k: {"status": f"failed: {e}"} for k in jobs}
         if bar:
             bar.update(len(jobs))
         return out
     out = {}
-    for k, (peak, reps) in jobs.items():
+    for k, peak in jobs.items():
         if bar:
             bar.set_postfix_str(f"{cfg['kind']} N={depth} {k}")
-        fn_args = (cfg, depth, k, args.device, peak, args.warmup, reps)
         try:
-            out[k] = _in_child(pool, measure_method, *fn_args, args=args)
+            out[k] = _in_child(pool, measure_method, cfg, depth, k, args.device, peak, args=args)
         except RuntimeError as e:
             out[k] = {"status": f"failed: {e}"}
         if bar:
@@ -212,49 +219,59 @@ def _measure_methods(pool, cfg, depth, jobs, args, bar) -> dict[str, Any]:
     return out
 
 
-def _time_ratios(point: dict[str, Any], repeat: dict[str, Any] | None) -> None:
-    """Ratios to the ``plain`` baseline; with ``repeat`` (``plain`` timed again after the other
-    methods), the baseline pools both runs and the drift between them is recorded."""
-    plain = point.get("plain", {})
-    if "times_s" not in plain:
-        return
-    if repeat and repeat.get("status") == "ok" and "times_s" in repeat:
-        plain["times_s_repeat"] = repeat["times_s"]
-        plain["baseline_drift"] = repeat["time_s"] / plain["time_s"]
-        plain["time_s_first"] = plain["time_s"]
-        plain["time_s"] = _common.median(plain["times_s"] + repeat["times_s"])
-    base = plain["time_s"]
-    for v in point.values():
-        if "time_s" in v:
-            v["time_ratio"] = v["time_s"] / base
+def _time_point(cfg, depth, keys, args) -> dict[str, Any]:
+    """Step times of ``keys`` at one depth, in one fresh *spawned* process (glibc's malloc
+    settings of this environment, not the pinned ones of the memory processes), methods
+    interleaved round-robin; ``time_ratio`` = median / median of ``plain``, and
+    ``time_ratio_paired_median`` = median over the rounds of the per-round ratios."""
+    ctx = mp.get_context("spawn")
+    fn_args = (cfg, depth, keys, args.device, args.warmup, args.reps)
+    try:
+        out = _in_child(ctx, time_methods, *fn_args, args=args)
+    except RuntimeError as e:
+        return {k: {"status": f"timing failed: {e}"} for k in keys}
+    base = out.get("plain", {})
+    for k in keys:
+        v = out.get(k, {})
+        if "time_s" in v and "time_s" in base:
+            v["time_ratio"] = v["time_s"] / base["time_s"]
+            paired = [a / b for a, b in zip(v["times_s"], base["times_s"])]
+            v["time_ratio_paired_median"] = _common.median(paired)
+    return out
+
+
+def _record(point, timing, w, depth, history, args, result) -> None:
+    """Merge the times into ``point``, check the processes, update the load and history."""
+    for k, v in timing.items():
+        if k in point and k != "process":
+            times = {f: v[f] for f in v if f.startswith("time")}
+            point[k].update(times if v.get("status") == "ok" else {"time_status": v["status"]})
+    if timing:
+        result["timing_processes"].setdefault(w, {})[str(depth)] = timing.get("process")
+    procs = [v["process"] for v in point.values() if v.get("status") == "ok"]
+    procs += [timing["process"]] if "process" in timing else []
+    for k, v in point.items():
+        if v.get("status") == "ok":
+            _check_child(v, args)
+            history["act_b"][k][depth] = v["activation_bytes"]
+    loads = [p[f"loadavg_{when}"] for p in procs for when in ("start", "end")]
+    seen = [la[0] for la in loads if la] + [result["loadavg"]["max_seen"] or 0]
+    result["loadavg"]["max_seen"] = max(seen)
 
 
 def _measure_workload(w, keys, fstatus, pool, args, result, bar) -> None:
     cfg = WORKLOADS[w]
     history: dict[str, dict[str, dict[int, float]]] = {"act_b": {k: {} for k in keys}}
     for depth in args.depths_of[w]:
-        point, jobs = _plan_point(w, depth, keys, history, args, fstatus, result)
+        point, jobs, to_time = _plan_point(w, depth, keys, history, args, fstatus, result)
         if bar:
             bar.update(len(keys) - len(jobs))
         for k, v in _measure_methods(pool, cfg, depth, jobs, args, bar).items():
             point[k] = {**v, **point.get(k, {})}
-        repeat = None
-        reps = jobs.get("plain", (False, 0))[1]
-        if reps and args.isolate == "method":
-            try:
-                fn_args = (cfg, depth, "plain", args.device, False, args.warmup, reps)
-                repeat = _in_child(pool, measure_method, *fn_args, args=args)
-            except RuntimeError as e:
-                repeat = {"status": f"failed: {e}"}
-        _time_ratios(point, repeat)
-        for k, v in point.items():
-            if v.get("status") != "ok":
-                continue
-            _check_child(v, args)
-            history["act_b"][k][depth] = v["activation_bytes"]
-            loads = [v["process"][f"loadavg_{when}"] for when in ("start", "end")]
-            seen = [la[0] for la in loads if la] + [result["loadavg"]["max_seen"] or 0]
-            result["loadavg"]["max_seen"] = max(seen)
+        if to_time and bar:
+            bar.set_postfix_str(f"{w} N={depth} timing")
+        timing = _time_point(cfg, depth, to_time, args) if to_time else {}
+        _record(point, timing, w, depth, history, args, result)
         result["points"].setdefault(w, {})[str(depth)] = point
 
 
@@ -307,6 +324,9 @@ def _new_result(args: argparse.Namespace, keys: list[str], fstatus: str) -> dict
             "reps": args.reps,
             "methods": keys,
             "isolate": args.isolate,
+            "timing": "one spawned process per (workload, timed depth), methods interleaved "
+            "round-robin, glibc malloc settings of the environment (MALLOC_MMAP_THRESHOLD_="
+            f"{os.environ.get('MALLOC_MMAP_THRESHOLD_')})",
             "pin_mmap_threshold": args.pin_mmap_threshold,
             "mmap_threshold_bytes": MMAP_THRESHOLD if args.pin_mmap_threshold else None,
             "child_threads": args.threads or torch.get_num_threads(),
@@ -318,6 +338,7 @@ def _new_result(args: argparse.Namespace, keys: list[str], fstatus: str) -> dict
             "step": STEP,
         },
         "loadavg": {"start": (machine["loadavg_at_start"] or [None])[0], "max_seen": None},
+        "timing_processes": {},
         "points": {},
         "gradient_error": {},
         "skipped": [],
@@ -383,8 +404,8 @@ def _parser() -> argparse.ArgumentParser:
         help="measure the peak step memory only at these depths (default: every depth)",
     )
     add("--grad-depths", type=int, nargs="+", default=None)
-    add("--warmup", type=int, default=1, help="warm-up steps after the peak step (default 1)")
-    add("--reps", type=int, default=None, help="timed steps (default 3)")
+    add("--warmup", type=int, default=1, help="untimed rounds before the timed ones (default 1)")
+    add("--reps", type=int, default=3, help="timed rounds (default 3); time = their median")
     add(
         "--isolate",
         choices=("method", "point"),
@@ -448,7 +469,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         a.time_depths_of[w] = tuple(d for d in depths if d in (a.time_depths or timed))
         a.peak_depths_of[w] = tuple(d for d in depths if d in (a.peak_depths or depths))
     a.grad_depths = a.grad_depths or (QUICK_GRAD_DEPTHS if a.quick else GRAD_DEPTHS)
-    a.reps = a.reps if a.reps is not None else 3
     return a
 
 
