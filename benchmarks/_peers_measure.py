@@ -71,6 +71,7 @@ def _process_info(load_start: list[float] | None, started: float) -> dict[str, A
         "loadavg_start": load_start,
         "loadavg_end": load_average(),
         "wall_s": time.perf_counter() - started,
+        "cpu_s": time.process_time(),  # (all threads, since the process started)
     }
 
 
@@ -207,6 +208,7 @@ def gradient_worker(
 ) -> dict[str, Any]:
     """Relative gradient error (all parameters) of each method against exact autograd of the
     same scheme, in float64: ``||g - g_exact|| / ||g_exact||``."""
+    started, load_start = time.perf_counter(), load_average()
     torch.manual_seed(seed)
     f64 = {"dtype": torch.float64, "device": device}
     blocks = make_blocks(cfg, depth, seed=seed, smooth=smooth, **f64)
@@ -228,4 +230,5 @@ def gradient_worker(
             continue
         r = refs[method.scheme]
         out[k] = {"status": "ok", "rel_error": float((g - r).norm() / r.norm())}
+    out["process"] = _process_info(load_start, started)
     return out

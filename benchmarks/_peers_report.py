@@ -77,10 +77,16 @@ def _memory_targets(result: dict[str, Any], t: _Targets) -> None:
     pin = "pinned" if result["settings"].get("pin_mmap_threshold") else "not pinned"
     for k in ("generic-euler-adjoint", "fused-euler-adjoint"):
         p = series(result, "conv", k, "peak_step_bytes")
-        name = f"conv: {k} peak step memory at N=1024 within 1.5x of N=64 (mmap threshold {pin})"
+        g = series(result, "conv", k, "grad_bytes")
+        name = f"conv: {k} peak step memory, N=64 vs N=1024 (issue 10; mmap threshold {pin})"
         if 64 in p and 1024 in p:
-            ratio = p[1024] / max(p[64], 1)
-            t.add(name, ratio <= 1.5, f"{human_bytes(p[64])} -> {human_bytes(p[1024])}")
+            t.add(
+                name,
+                None,
+                f"{human_bytes(p[64])} -> {human_bytes(p[1024])} (gradients inside: "
+                f"{human_bytes(g.get(64))} -> {human_bytes(g.get(1024))})",
+            )
+            t.rows[-1]["status"] = "shown"
         else:
             t.add(name, None, "N=64 or N=1024 not measured")
 
@@ -176,7 +182,8 @@ def _header(result: dict[str, Any]) -> list[str]:
         f"`{m['device']}`" + (f" ({m.get('gpu')})" if m.get("gpu") else "") + ".  ",
         f"Load average (1 min) at start {load.get('start')}, at end {load.get('end')}, max seen "
         f"by a measuring process {load.get('max_seen')}.  ",
-        f"Fused engine: {result['fused']}.  Run time: {result['elapsed_s'] / 60:.1f} min.  ",
+        f"Fused engine: {result['fused']}.  Run time: {result['elapsed_s'] / 60:.1f} min "
+        f"(CPU time of the measuring processes: {result.get('cpu_s', 0) / 60:.1f} min).  ",
         f"Command: `{result['command']}`.  ",
         f"Memory: one fresh process per {s['isolate']} (`--isolate {s['isolate']}`); glibc mmap "
         f"threshold in those processes: {pin}.  ",

@@ -241,22 +241,17 @@ def _time_point(cfg, depth, keys, args) -> dict[str, Any]:
 
 
 def _record(point, timing, w, depth, history, args, result) -> None:
-    """Merge the times into ``point``, check the processes, update the load and history."""
+    """Merge the times into ``point``; check the memory processes; note the saved bytes."""
     for k, v in timing.items():
         if k in point and k != "process":
             times = {f: v[f] for f in v if f.startswith("time")}
             point[k].update(times if v.get("status") == "ok" else {"time_status": v["status"]})
     if timing:
         result["timing_processes"].setdefault(w, {})[str(depth)] = timing.get("process")
-    procs = [v["process"] for v in point.values() if v.get("status") == "ok"]
-    procs += [timing["process"]] if "process" in timing else []
     for k, v in point.items():
         if v.get("status") == "ok":
             _check_child(v, args)
             history["act_b"][k][depth] = v["activation_bytes"]
-    loads = [p[f"loadavg_{when}"] for p in procs for when in ("start", "end")]
-    seen = [la[0] for la in loads if la] + [result["loadavg"]["max_seen"] or 0]
-    result["loadavg"]["max_seen"] = max(seen)
 
 
 def _measure_workload(w, keys, fstatus, pool, args, result, bar) -> None:
@@ -345,6 +340,28 @@ def _new_result(args: argparse.Namespace, keys: list[str], fstatus: str) -> dict
     }
 
 
+def _processes(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """What every measuring process of the run reported about itself (pid, load, CPU time)."""
+    out = []
+    for pts in result["points"].values():
+        for point in pts.values():
+            out += [v["process"] for v in point.values() if "process" in v]
+    for pts in result["timing_processes"].values():
+        out += [p for p in pts.values() if p]
+    for g in result["gradient_error"].values():
+        out += [v["process"] for v in g["per_depth"].values() if "process" in v]
+    return out
+
+
+def _load_and_cpu(result: dict[str, Any]) -> None:
+    """The highest load average any measuring process saw, and their total CPU time (about
+    the run's wall time on one idle core)."""
+    procs = _processes(result)
+    loads = [p[f"loadavg_{when}"] for p in procs for when in ("start", "end")]
+    result["loadavg"]["max_seen"] = max((la[0] for la in loads if la), default=None)
+    result["cpu_s"] = sum(p.get("cpu_s", 0.0) for p in procs)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every measurement of the run (see the module docstring); returns the result dict."""
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -363,6 +380,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["gradient_error"] = _gradient_errors(keys, pool, args)
     result["targets"] = evaluate_targets(result)
     result["loadavg"]["end"] = (_common.load_average() or [None])[0]
+    _load_and_cpu(result)
     result["elapsed_s"] = time.time() - started
     return result
 
@@ -377,7 +395,7 @@ def _parser() -> argparse.ArgumentParser:
         "--quick",
         action="store_true",
         help=f"depths {QUICK_DEPTHS} (all timed), gradient depths {QUICK_GRAD_DEPTHS}, "
-        "3 timed steps (a smoke run, not for quoting)",
+        "3 timed rounds (a smoke run, not for quoting)",
     )
     add("--depths", type=int, nargs="+", help="depths for every workload")
     add("--workloads", nargs="+", choices=sorted(WORKLOADS), default=None)
@@ -405,7 +423,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     add("--grad-depths", type=int, nargs="+", default=None)
     add("--warmup", type=int, default=1, help="untimed rounds before the timed ones (default 1)")
-    add("--reps", type=int, default=3, help="timed rounds (default 3); time = their median")
+    add("--reps", type=int, default=None, help="timed rounds (default 5, --quick 3)")
     add(
         "--isolate",
         choices=("method", "point"),
@@ -469,6 +487,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         a.time_depths_of[w] = tuple(d for d in depths if d in (a.time_depths or timed))
         a.peak_depths_of[w] = tuple(d for d in depths if d in (a.peak_depths or depths))
     a.grad_depths = a.grad_depths or (QUICK_GRAD_DEPTHS if a.quick else GRAD_DEPTHS)
+    a.reps = a.reps if a.reps is not None else (3 if a.quick else 5)
     return a
 
 
