@@ -37,6 +37,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -195,9 +196,40 @@ def _in_child(pool, fn, *fn_args, args: argparse.Namespace) -> Any:
     return run_in_child(pool, fn, *fn_args, timeout=args.child_timeout, threads=args.threads)
 
 
-def _measure_methods(pool, cfg, depth, jobs, args, bar) -> dict[str, Any]:
-    """The memory of every method of ``jobs`` at one depth: a process per method, or one
-    for them all (``--isolate point``)."""
+def _run_many(pool, calls: dict[Any, tuple], args, bar) -> dict[Any, Any]:
+    """Run ``calls`` (``{name: (estimated_bytes, fn, fn_args)}``) each in a fresh process of
+    ``pool``, up to ``--jobs`` at a time while the estimated memory of those running stays
+    within ``--max-activation-gib`` (a call that alone exceeds it runs alone); largest first.
+    For memory and gradient processes only: a peak is per process, so a neighbour does not
+    change it; times are never measured side by side. Returns ``{name: result}``, a failed
+    call's result being its ``RuntimeError``."""
+    budget = args.max_activation_gib * 2**30
+    pending = sorted(calls, key=lambda n: -calls[n][0])
+    running: dict[Future, tuple[Any, float]] = {}
+    out: dict[Any, Any] = {}
+    with ThreadPoolExecutor(max_workers=args.jobs) as ex:
+        while pending or running:
+            used = sum(est for _, est in running.values())
+            fit = [n for n in pending if not running or used + calls[n][0] <= budget]
+            if fit and len(running) < args.jobs:
+                pending.remove(fit[0])
+                est, fn, fn_args = calls[fit[0]]
+                running[ex.submit(_in_child, pool, fn, *fn_args, args=args)] = (fit[0], est)
+                continue
+            for f in wait(running, return_when=FIRST_COMPLETED).done:
+                name, _ = running.pop(f)
+                try:
+                    out[name] = f.result()
+                except RuntimeError as e:
+                    out[name] = e
+                if bar:
+                    bar.update(1)
+    return out
+
+
+def _measure_methods(pool, cfg, depth, jobs, history, args, bar) -> dict[str, Any]:
+    """The memory of every method of ``jobs`` at one depth: a process per method (several
+    side by side with ``--jobs``), or one for them all (``--isolate point``)."""
     if args.isolate == "point":
         try:
             out = _in_child(pool, measure_point, cfg, depth, jobs, args.device, args=args)
@@ -206,17 +238,17 @@ def _measure_methods(pool, cfg, depth, jobs, args, bar) -> dict[str, Any]:
         if bar:
             bar.update(len(jobs))
         return out
-    out = {}
-    for k, peak in jobs.items():
-        if bar:
-            bar.set_postfix_str(f"{cfg['kind']} N={depth} {k}")
-        try:
-            out[k] = _in_child(pool, measure_method, cfg, depth, k, args.device, peak, args=args)
-        except RuntimeError as e:
-            out[k] = {"status": f"failed: {e}"}
-        if bar:
-            bar.update(1)
-    return out
+    calls = {
+        k: (
+            _estimate(history["act_b"][k], depth) or 0,
+            measure_method,
+            (cfg, depth, k, args.device, peak),
+        )
+        for k, peak in jobs.items()
+    }
+    out = _run_many(pool, calls, args, bar)
+    failed = {k: {"status": f"failed: {v}"} for k, v in out.items() if isinstance(v, Exception)}
+    return {k: failed.get(k, out[k]) for k in jobs}
 
 
 def _time_point(cfg, depth, keys, args) -> dict[str, Any]:
@@ -261,7 +293,7 @@ def _measure_workload(w, keys, fstatus, pool, args, result, bar) -> None:
         point, jobs, to_time = _plan_point(w, depth, keys, history, args, fstatus, result)
         if bar:
             bar.update(len(keys) - len(jobs))
-        for k, v in _measure_methods(pool, cfg, depth, jobs, args, bar).items():
+        for k, v in _measure_methods(pool, cfg, depth, jobs, history, args, bar).items():
             point[k] = {**v, **point.get(k, {})}
         if to_time and bar:
             bar.set_postfix_str(f"{w} N={depth} timing")
@@ -273,21 +305,26 @@ def _measure_workload(w, keys, fstatus, pool, args, result, bar) -> None:
 def _gradient_errors(keys, pool, args) -> dict[str, Any]:
     """Relative gradient error per depth and its log-log slope, iid and smooth weights."""
     gkeys = [k for k in keys if k != "plain" and not k.endswith("-autograd")]
-    bar = _common.progress(2 * len(args.grad_depths), "gradient error")
+    calls = {
+        (label, depth): (
+            0,
+            gradient_worker,
+            (depth, label == "smooth", gkeys, args.device, 0, GRAD_CONFIG),
+        )
+        for label in ("iid", "smooth")
+        for depth in args.grad_depths
+    }
+    bar = _common.progress(len(calls), "gradient error")
+    results = _run_many(pool, calls, args, bar)
+    if bar:
+        bar.close()
     out = {}
-    for smooth in (False, True):
-        label = "smooth" if smooth else "iid"
+    for label in ("iid", "smooth"):
         per_depth: dict[str, Any] = {}
         for depth in args.grad_depths:
-            if bar:
-                bar.set_postfix_str(f"{label} N={depth}")
-            fn_args = (depth, smooth, gkeys, args.device, 0, GRAD_CONFIG)
-            try:
-                per_depth[str(depth)] = _in_child(pool, gradient_worker, *fn_args, args=args)
-            except RuntimeError as e:
-                per_depth[str(depth)] = {k: {"status": f"failed: {e}"} for k in gkeys}
-            if bar:
-                bar.update(1)
+            r = results[(label, depth)]
+            failed = isinstance(r, Exception)
+            per_depth[str(depth)] = {k: {"status": f"failed: {r}"} for k in gkeys} if failed else r
         slopes = {}
         for k in gkeys:
             pts = [
@@ -297,8 +334,6 @@ def _gradient_errors(keys, pool, args) -> dict[str, Any]:
             ]
             slopes[k] = loglog_slope([p[0] for p in pts], [p[1] for p in pts])
         out[label] = {"per_depth": per_depth, "slopes": slopes}
-    if bar:
-        bar.close()
     return out
 
 
@@ -319,6 +354,7 @@ def _new_result(args: argparse.Namespace, keys: list[str], fstatus: str) -> dict
             "reps": args.reps,
             "methods": keys,
             "isolate": args.isolate,
+            "jobs": args.jobs,
             "timing": "one spawned process per (workload, timed depth), methods interleaved "
             "round-robin, glibc malloc settings of the environment (MALLOC_MMAP_THRESHOLD_="
             f"{os.environ.get('MALLOC_MMAP_THRESHOLD_')})",
@@ -452,14 +488,23 @@ def _parser() -> argparse.ArgumentParser:
         "--max-activation-gib",
         type=float,
         default=8.0,
-        help="skip a point whose activations, extrapolated linearly in depth from the "
-        "previous depth, exceed this (protects a shared machine's RAM)",
+        help="the most activation memory the run may hold at a time (protects a shared "
+        "machine's RAM): a point whose activations, extrapolated linearly in depth from the "
+        "previous depth, exceed it is skipped, and processes side by side (--jobs) stay within it",
     )
     add(
         "--threads",
         type=int,
         default=None,
         help="intra-op threads per measuring process (default: torch's, i.e. OMP_NUM_THREADS)",
+    )
+    add(
+        "--jobs",
+        type=int,
+        default=None,
+        help="memory and gradient processes run side by side, at most this many (default: "
+        "the available cores / threads per process; 1 with --isolate point); the timing "
+        "processes always run alone",
     )
     add("--child-timeout", type=float, default=1800.0, help="seconds per measuring process")
     add("--out", type=Path, default=Path("results/benchmarks"))
@@ -474,6 +519,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if a.methods is not None and "plain" not in a.methods:
         a.methods = ["plain", *a.methods]
     a.isolate = a.isolate or ("point" if a.device == "cuda" else "method")
+    if a.jobs is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        per_process = a.threads or torch.get_num_threads()
+        a.jobs = 1 if a.isolate == "point" else max(1, (cpus or 1) // per_process)
     a.depths_of, a.time_depths_of, a.peak_depths_of = {}, {}, {}
     for w in a.workloads:
         if a.depths or a.quick:

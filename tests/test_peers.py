@@ -8,6 +8,8 @@ import json
 import math
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -149,8 +151,9 @@ def test_default_run_plan():
     assert a.depths_of["conv"] == a.peak_depths_of["conv"] == (16, 64, 1024)
     assert a.time_depths_of == {"mlp": (64,), "conv": (64,), "mlp-narrow": (256,)}
     assert a.isolate == "method" and a.pin_mmap_threshold and a.reps == 5
+    assert a.jobs == max(1, len(os.sched_getaffinity(0)) // torch.get_num_threads())
     g = peers.parse_args(["--device", "cuda", "--no-pin-mmap-threshold"])
-    assert g.isolate == "point" and not g.pin_mmap_threshold
+    assert g.isolate == "point" and not g.pin_mmap_threshold and g.jobs == 1
     assert g.depths_of == a.depths_of and g.time_depths_of == a.time_depths_of
     q = peers.parse_args(["--quick", "--time-depths", "16"])
     assert q.depths_of["mlp"] == (4, 16) and q.time_depths_of["mlp"] == (16,)
@@ -167,6 +170,37 @@ def test_skips():
     assert "step not run above depth 64" in peers._step_skip("torchdiffeq", 256, args)
     assert peers._step_skip("torchdiffeq", 64, args) is None
     assert peers._step_skip("plain", 1024, args) is None
+
+
+def test_side_by_side_processes_stay_within_the_memory_budget(monkeypatch):
+    """--jobs 2: two processes at a time, but never two whose estimated activations together
+    exceed --max-activation-gib; the largest start first; a failure is returned, not raised."""
+    running, seen, order = set(), [], []
+    lock = threading.Lock()
+
+    def fake_in_child(pool, fn, name, args):
+        with lock:
+            running.add(name)
+            seen.append(set(running))
+            order.append(name)
+        time.sleep(0.05)
+        with lock:
+            running.discard(name)
+        if name == "bad":
+            raise RuntimeError("child died")
+        return {"status": "ok", "name": name}
+
+    monkeypatch.setattr(peers, "_in_child", fake_in_child)
+    args = peers.parse_args(["--jobs", "2", "--max-activation-gib", "8"])
+    gib = 2**30
+    sizes = {"big": 7 * gib, "big2": 6 * gib, "small": 2**20, "bad": 0, "tiny": 0}
+    calls = {n: (b, None, (n,)) for n, b in sizes.items()}
+    out = peers._run_many(None, calls, args, None)
+    assert isinstance(out.pop("bad"), RuntimeError)
+    assert all(v["name"] == n for n, v in out.items())
+    assert order[:2] == ["big", "small"]  # largest first; big2 does not fit beside big
+    assert max(len(r) for r in seen) == 2
+    assert not any({"big", "big2"} <= r for r in seen)
 
 
 def test_a_process_server_started_with_the_other_mmap_setting_is_refused():
@@ -199,6 +233,8 @@ def test_tiny_end_to_end_run_writes_tables_and_plots(tmp_path, monkeypatch):
             "1",
             "--reps",
             "3",
+            "--jobs",
+            "2",
             "--out",
             str(tmp_path),
         ]
