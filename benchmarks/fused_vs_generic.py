@@ -15,17 +15,19 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
-import platform
-import statistics
-import time
+import sys
 from pathlib import Path
 
-import torch
+_HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(_HERE))
+if (_HERE.parent / "resode" / "__init__.py").exists():  # run from a checkout
+    sys.path.insert(1, str(_HERE.parent))
 
-from resode import fused
-from resode.diagnostics import saved_tensor_bytes
+import torch  # noqa: E402
+from _common import machine_info, median, time_calls, write_json_md  # noqa: E402
+
+from resode import fused  # noqa: E402
+from resode.diagnostics import saved_tensor_bytes  # noqa: E402
 
 CONFIGS = {
     # name: (kind, batch, dim/channels, hidden or spatial, depth)
@@ -43,32 +45,21 @@ GPU_EXTRA = {"tiny_conv_b256_d64": dict(kind="conv", batch=256, channels=16, siz
 
 
 def make_stage(cfg: dict, scheme: str, backward: str, device, dtype):
+    """The fused stage of ``cfg``, its generic copy (``to_generic``) and the input shape."""
+    kw = dict(scheme=scheme, backward=backward)
     if cfg["kind"] == "mlp":
-        f = fused.MLPStack(
-            cfg["dim"],
-            cfg["hidden"],
-            cfg["depth"],
-            activation="tanh",
-            scheme=scheme,
-            backward=backward,
-        )
-        shape = (cfg["batch"], cfg["dim"])
-    else:
-        f = fused.ConvStack(cfg["channels"], cfg["depth"], scheme=scheme, backward=backward)
-        with torch.no_grad():  # a non-trivial residual branch
-            f.bn2_weight.fill_(1.0)
-        shape = (cfg["batch"], cfg["channels"], cfg["size"], cfg["size"])
+        f = fused.MLPStack(cfg["dim"], cfg["hidden"], cfg["depth"], activation="tanh", **kw)
+        shape = (cfg["batch"], cfg["dim"])  # (B, D)
+    else:  # (last BN weight 1, not 0: a non-trivial residual branch)
+        f = fused.ConvStack(cfg["channels"], cfg["depth"], zero_init_last_bn=False, **kw)
+        shape = (cfg["batch"], cfg["channels"], cfg["size"], cfg["size"])  # (B, C, H, W)
     f = f.to(device=device, dtype=dtype)
-    g = f.to_generic()
-    return f, g, shape
-
-
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+    return f, f.to_generic(), shape
 
 
 def time_step(stage, x, w, warmup: int, steps: int, device) -> float:
+    """Median wall time of a train step: fresh input leaf, forward, ``(y * w).sum()``,
+    backward."""
     params = list(stage.parameters())
 
     def step():
@@ -78,16 +69,7 @@ def time_step(stage, x, w, warmup: int, steps: int, device) -> float:
         loss = (stage(xi) * w).sum()
         loss.backward()
 
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        sync(device)
-        t0 = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median(time_calls(step, device, warmup=warmup, reps=steps))
 
 
 def activation_bytes(stage, x) -> int:
@@ -136,93 +118,70 @@ def memory_flatness(args) -> dict:
     return out
 
 
-def summarise(rows, flat, args) -> dict:
-    def find(config, scheme, backward):
-        for r in rows:
-            if (r["config"], r["scheme"], r["backward"]) == (config, scheme, backward):
-                return r
-        return None
+def _find(rows, config, scheme, backward):
+    for r in rows:
+        if (r["config"], r["scheme"], r["backward"]) == (config, scheme, backward):
+            return r
+    return None
 
+
+def _target(name: str, value: float, met: bool) -> dict:
+    return dict(target=name, value=round(value, 4 if "flat" in name else 2), met=met)
+
+
+def _cpu_targets(rows) -> list[dict]:
     targets = []
-    if args.device == "cpu":
-        for config, need in (("narrow_mlp", 3.0), ("wide_mlp", 1.2), ("tiny_conv", 1.5)):
-            for scheme in ("euler", "heun"):
-                r = find(config, scheme, "adjoint")
-                if r:
-                    targets.append(
-                        dict(
-                            target=f"{config} {scheme} adjoint: fused >= {need}x faster",
-                            value=round(r["speedup"], 2),
-                            met=r["speedup"] >= need,
-                        )
-                    )
-        for config in CONFIGS:
-            for scheme in ("euler", "heun"):
-                a, b = find(config, scheme, "adjoint"), find(config, scheme, "autograd")
-                if a and b:
-                    ratio = a["fused_s"] / b["fused_s"]
-                    targets.append(
-                        dict(
-                            target=f"{config} {scheme}: fused adjoint <= 1.7x fused autograd",
-                            value=round(ratio, 2),
-                            met=ratio <= 1.7,
-                        )
-                    )
-    else:
+    for config, need in (("narrow_mlp", 3.0), ("wide_mlp", 1.2), ("tiny_conv", 1.5)):
         for scheme in ("euler", "heun"):
-            r = find("tiny_conv_b256_d64", scheme, "adjoint")
-            ra = find("tiny_conv_b256_d64", scheme, "autograd")
-            if r and ra:
-                ratio = r["fused_s"] / ra["generic_s"]
-                targets.append(
-                    dict(
-                        target=f"GPU tiny conv b256 d64 {scheme}: fused adjoint <= 1.5x "
-                        "PyTorch autograd",
-                        value=round(ratio, 2),
-                        met=ratio <= 1.5,
-                    )
-                )
-            for backward in ("autograd", "adjoint"):
-                r = find("narrow_mlp", scheme, backward)
-                if r:
-                    targets.append(
-                        dict(
-                            target=f"GPU narrow MLP {scheme} {backward}: fused >= 5x generic",
-                            value=round(r["speedup"], 2),
-                            met=r["speedup"] >= 5.0,
-                        )
-                    )
+            if r := _find(rows, config, scheme, "adjoint"):
+                name = f"{config} {scheme} adjoint: fused >= {need}x faster"
+                targets.append(_target(name, r["speedup"], r["speedup"] >= need))
+    for config in CONFIGS:
+        for scheme in ("euler", "heun"):
+            a, b = _find(rows, config, scheme, "adjoint"), _find(rows, config, scheme, "autograd")
+            if a and b:
+                ratio = a["fused_s"] / b["fused_s"]
+                name = f"{config} {scheme}: fused adjoint <= 1.7x fused autograd"
+                targets.append(_target(name, ratio, ratio <= 1.7))
+    return targets
+
+
+def _gpu_targets(rows) -> list[dict]:
+    targets = []
+    for scheme in ("euler", "heun"):
+        r = _find(rows, "tiny_conv_b256_d64", scheme, "adjoint")
+        ra = _find(rows, "tiny_conv_b256_d64", scheme, "autograd")
+        if r and ra:
+            ratio = r["fused_s"] / ra["generic_s"]
+            name = f"GPU tiny conv b256 d64 {scheme}: fused adjoint <= 1.5x PyTorch autograd"
+            targets.append(_target(name, ratio, ratio <= 1.5))
+        for backward in ("autograd", "adjoint"):
+            if r := _find(rows, "narrow_mlp", scheme, backward):
+                name = f"GPU narrow MLP {scheme} {backward}: fused >= 5x generic"
+                targets.append(_target(name, r["speedup"], r["speedup"] >= 5.0))
+    return targets
+
+
+def summarise(rows, flat, args) -> list[dict]:
+    """The targets of the extension issue, each with its value and whether it is met."""
+    targets = _cpu_targets(rows) if args.device == "cpu" else _gpu_targets(rows)
     for key, v in flat.items():
-        targets.append(
-            dict(
-                target=f"{key}: fused adjoint memory flat (depth 1024 / 16 within 5%)",
-                value=round(v["ratio"], 4),
-                met=abs(v["ratio"] - 1) <= 0.05,
-            )
-        )
+        name = f"{key}: fused adjoint memory flat (depth 1024 / 16 within 5%)"
+        targets.append(_target(name, v["ratio"], abs(v["ratio"] - 1) <= 0.05))
     return targets
 
 
 def provenance(args) -> dict:
-    info = dict(
+    """Machine, versions and settings of the run."""
+    return dict(
+        machine_info(args.device),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        torch=torch.__version__,
-        python=platform.python_version(),
-        machine=platform.machine(),
-        processor=platform.processor() or platform.machine(),
-        cpu_count=os.cpu_count(),
-        torch_threads=torch.get_num_threads(),
-        device=args.device,
         dtype=str(args.dtype),
         steps=args.steps,
         warmup=args.warmup,
         quick=args.quick,
         extension=fused.extension_available().as_dict(),
     )
-    if args.device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
-    return info
 
 
 def markdown(rows, targets, flat, prov) -> str:
@@ -253,7 +212,7 @@ def markdown(rows, targets, flat, prov) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
@@ -266,13 +225,18 @@ def main(argv=None):
         "--threads", type=int, default=0, help="torch CPU threads (0: keep torch's default)"
     )
     args = p.parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     args.dtype = getattr(torch, args.dtype)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but no GPU is visible")
     if not fused.available_for(args.device):
         p.error(f"the fused extension cannot run on {args.device}: {fused.extension_available()}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     configs = dict(QUICK if args.quick else CONFIGS)
     if args.device == "cuda" and not args.quick:
         configs.update(GPU_EXTRA)
@@ -284,14 +248,10 @@ def main(argv=None):
     flat = memory_flatness(args)
     targets = summarise(rows, flat, args)
     prov = provenance(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = "fused_vs_generic" + ("_cuda" if args.device == "cuda" else "")
-    (out / f"{stem}.json").write_text(
-        json.dumps(dict(provenance=prov, rows=rows, memory=flat, targets=targets), indent=2)
-    )
     md = markdown(rows, targets, flat, prov)
-    (out / f"{stem}.md").write_text(md)
+    data = dict(provenance=prov, rows=rows, memory=flat, targets=targets)
+    write_json_md(Path(args.out), stem, data, md)
     print()
     print(md)
     return 0
