@@ -79,6 +79,7 @@ def _auto_numbers(short_adj, short_auto, acc_std=0.005):
             "train_loss_mean": 0.5,
             "shortfall_vs_autograd": s,
             "saved_MiB": 1.0,
+            "stage_saved_MiB": 0.5,
             "label": "x",
             "fell_back": 3,
             "backward_passes": 3,
@@ -153,10 +154,13 @@ def _fake_ctx(tmp_path, cfg, seeds):
 )
 def test_tied_depth_verdict_on_seed_effects(tmp_path, acc, verdict):
     ctx = _fake_ctx(tmp_path, {"depths": sorted(acc), "model": "tiny_resnet"}, [0, 1, 2])
-    numbers = tied_depth.aggregate(ctx, _tied_rows(acc))
-    (claim,) = tied_depth.claims(ctx, numbers)
+    rows = _tied_rows(acc)
+    flat = [0.8 + 0.001 * i for i in range(len(rows))]  # batch-statistics accuracies: flat
+    numbers = tied_depth.aggregate(ctx, {"rows": rows, "batch_stats": flat})
+    claim, diagnostic = tied_depth.claims(ctx, numbers)
     assert claim.verdict == verdict, claim.evidence
     assert "seed std" in claim.rule
+    assert diagnostic.key == "converges_batch_stats" and diagnostic.verdict == "inconclusive"
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -342,7 +346,7 @@ def test_tied_and_untie_smoke_report_seed_spread(smoke):
     assert len(u["acc"]["before"]) == len(u["acc"]["untied"]) == len(u["acc"]["tied"]) == 2
     assert u["memory_bytes"]["adjoint"] * 2 < u["memory_bytes"]["autograd"]
     keys = [c["key"] for c in smoke["untie-finetune"]["claims"]]
-    assert keys == ["accuracy", "untying_matters", "memory"]
+    assert keys == ["accuracy", "untying_matters", "untying_matters_batch_stats", "memory"]
 
 
 def test_backward_modes_exist_for_every_arm():

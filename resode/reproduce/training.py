@@ -239,6 +239,89 @@ def residual_size(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
     return sizes
 
 
+def stage_saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes that the residual stages of ``model`` save for the backward during a forward of
+    ``x`` (unique storages, parameters excluded; what the rest of the model saves is left out):
+    the activation memory that the backward mode of the stages decides."""
+    from resode.stack import stages
+
+    found = set(stages(model))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    inside, storages, keep = [0], {}, []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if inside[0] and t.layout == torch.strided:
+            st = t.untyped_storage()
+            if st.data_ptr() not in params and st.data_ptr() != 0:
+                storages[st.data_ptr()] = max(storages.get(st.data_ptr(), 0), st.nbytes())
+                keep.append(st)  # no reuse of the address while counting
+        return t
+
+    def enter(*_):
+        inside[0] += 1
+
+    def leave(*_):
+        inside[0] -= 1
+
+    hooks = []
+    for m in model.modules():
+        if m in found:
+            hooks += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    keep.clear()
+    del out
+    return sum(storages.values())
+
+
+def batch_stats_accuracy(
+    checkpoint: str,
+    dataset: str,
+    data_kwargs: dict,
+    data_root: str | None,
+    batch: int,
+    max_batches: int | None,
+    checkpoint_stamp: float | None = None,
+    num_threads: int | None = None,
+) -> dict[str, float]:
+    """Test accuracy of a trained model with its BatchNorm layers normalising by the statistics
+    of each test batch (training mode, no gradient) instead of their running statistics: a
+    diagnostic for tied stages, whose one set of running statistics averages over all steps
+    (in training each step is normalised by its own batch statistics)."""
+    data = load_data(dataset, data_root, "cpu", json.dumps(data_kwargs, sort_keys=True))
+    net = load_model(checkpoint).train()
+    correct = total = 0
+    with fixed_threads(num_threads), torch.no_grad():
+        for i, (x, y) in enumerate(data.loader("test", batch, seed=0)):
+            if max_batches is not None and i >= max_batches:
+                break
+            correct += int((net(x).argmax(1) == y).sum())
+            total += len(y)
+    return {"acc": correct / max(total, 1)}
+
+
+def batch_stats_sweep(
+    ctx, runs: list[dict[str, Any]], settings: dict[str, Any], folder="batch_stats"
+):
+    """:func:`batch_stats_accuracy` of the checkpoint of every training result in ``runs``, on
+    the test batches that the training settings evaluate."""
+    from .sweeps import file_stamp
+
+    train = ctx.training(settings)
+    jobs = [
+        dict(checkpoint=r["checkpoint"], checkpoint_stamp=file_stamp(r["checkpoint"]),
+             **ctx.data, batch=train.get("test_batch_size", 1000),
+             max_batches=train.get("max_eval_batches"), num_threads=train.get("num_threads"))
+        for r in runs
+    ]  # fmt: skip
+    return ctx.sweep(batch_stats_accuracy, jobs, key=lambda j: Path(j["checkpoint"]).parent.name,
+                     folder=folder, desc="batch-statistics accuracy")  # fmt: skip
+
+
 def _result(res: dict[str, Any]) -> dict[str, Any]:
     """The JSON-able part of :func:`resode.train.train`'s result that the experiments use."""
     final = res["final"]
