@@ -393,6 +393,7 @@ def figure(ctx: Context, numbers: dict[str, Any]):
             loss = np.mean([h[n - 1]["train_loss"] for h in hist])
             ax.plot(ep, m, "o-", label=f"{LABELS[arm]} (final train loss {loss:.3f})")
             ax.fill_between(ep, m - s, m + s, alpha=0.2)
+            ax.set_xticks(ep)
         ax.set_title(spec["title"], fontsize=9)
         ax.set_xlabel("epoch")
         ax.set_ylabel("test accuracy (%), mean ± std over seeds")

@@ -43,7 +43,7 @@ from .figures import pyplot
 from .training import GPU_TRAIN, SMOKE_TRAIN, batch_stats_sweep, pm, quick_train, stats_row
 
 #: training steps of the quick preset
-QUICK_STEPS = 600
+QUICK_STEPS = 480
 
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(
@@ -185,7 +185,9 @@ def _claim(key: str, text: str, table, prefix: str, changes, effect, depths) -> 
         text=text,
         evidence=(f"test accuracy (%) by steps/stage, mean ± std over seeds: {accs}; "
                   f"seed-paired change {depths[0]}->{depths[1]}: {pm(first, digits=2)} pts, "
-                  f"{depths[-2]}->{depths[-1]}: {pm(last, digits=2)} pts"),
+                  f"{depths[-2]}->{depths[-1]}: {pm(last, digits=2)} pts; final training loss "
+                  + ", ".join(f"{r['steps_per_stage']}: {r['train_loss_mean']:.3f}"
+                              for r in table)),
         value=float(np.mean(effect)) if effect else None,
         verdict=verdict,
         rule="per seed, |accuracy change between the two shallowest depths| - |change "

@@ -46,7 +46,7 @@ from .training import GPU_TRAIN, SMOKE_TRAIN, batch_stats_sweep, pm, quick_train
 
 MIB = 1 / 2**20
 #: pretraining and fine-tuning steps of the quick preset
-QUICK_PRETRAIN_STEPS, QUICK_FINETUNE_STEPS = 600, 300
+QUICK_PRETRAIN_STEPS, QUICK_FINETUNE_STEPS = 480, 300
 
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(
@@ -259,6 +259,7 @@ def figure(ctx: Context, numbers: dict[str, Any]):
         x = np.arange(n + 1)
         ax.plot(x, m, style, label=f"{arm}, fine-tuned with the adjoint")
         ax.fill_between(x, m - s, m + s, alpha=0.2)
+        ax.set_xticks(x)
     ax.axhline(before.mean(), color="gray", ls=":", label="tied model before fine-tuning")
     ax.set_xlabel("fine-tuning epoch")
     ax.set_ylabel(f"test accuracy (%), mean ± std over {len(ctx.seeds)} seeds")
