@@ -12,6 +12,11 @@ Then BN + ReLU, global average pooling and a linear layer.
 ``tied=True``: each stage's residual functions share one block (any number of steps, same
 parameters), as in the paper's tied-weight experiments (Fig 3a, Table 2).
 
+``step``: the step of every stack (default ``1/N``, the paper's; ``1.0`` gives a standard,
+not ODE-like ResNet ``x + f(x)``, the regime of Fig. 3b). ``backward`` may be one mode for every
+stack or a list of four, one per stage (e.g. the paper's ResNet-101, which used the adjoint only
+on its 22-function third stack: ``["autograd", "autograd", "adjoint", "autograd"]``).
+
 ``engine``: the pre-activation conv blocks have no fused stage, so ``"generic"`` and ``"auto"``
 both build :class:`resode.ResidualStack` s and ``"fused"`` is an error.
 """
@@ -120,6 +125,18 @@ def preact_bottleneck(channels: int, planes: int) -> nn.Sequential:
     )
 
 
+def _stage_backwards(backward: str | Sequence[str]) -> list[str]:
+    """The backward mode of each of the four stages (one string: the same for all)."""
+    if isinstance(backward, str):
+        return [backward] * 4
+    modes = list(backward)
+    if len(modes) != 4 or not all(isinstance(m, str) for m in modes):
+        raise ValueError(
+            f"backward must be a mode or a list of 4 modes (one per stage), got {backward!r}"
+        )
+    return modes
+
+
 class ResNetStage(nn.Module):
     """One stage: an ordinary (possibly downsampling) block, then a residual stack (if any)."""
 
@@ -144,8 +161,12 @@ class ODEResNet(StageModel):
         small_input: CIFAR-size stem (conv3x3 stride 1, no max-pool) instead of ImageNet's.
         width: channels of the first stage (64 in torchvision); stages use
             ``width * (1, 2, 4, 8)`` (times 4 after a bottleneck). Shrink it for CPU runs.
-        scheme, backward: of every residual stack (``backward``: ``"autograd"``, ``"adjoint"``
-            or ``"auto"``, see :class:`resode.Stage`).
+        scheme: of every residual stack.
+        backward: ``"autograd"``, ``"adjoint"``, ``"auto"`` (see :class:`resode.Stage`) for
+            every stack, or a list of four modes, one per stage (the entry of a stage without
+            residual functions is unused).
+        step: step ``h`` of every stack: ``None`` (``1/N``, default), ``"unit"`` or a positive
+            number (``1.0``: a standard ResNet, ``x_{n+1} = x_n + f_n(x_n)``).
         tied: one shared residual function per stage.
         engine: ``"generic"`` or ``"auto"`` (the same here); ``"fused"`` raises ``ValueError``
             (no fused equivalent of these blocks).
@@ -160,15 +181,17 @@ class ODEResNet(StageModel):
         small_input: bool = False,
         width: int = 64,
         scheme: str = "euler",
-        backward: str = "autograd",
+        backward: str | Sequence[str] = "autograd",
         tied: bool = False,
         engine: str = "generic",
+        step: float | str | None = None,
     ) -> None:
         super().__init__()
         no_fused_engine(engine, "the ResNet family (pre-activation conv-BN blocks)")
         layers = [int(n) for n in layers]
         if len(layers) != 4 or any(n < 1 for n in layers):
             raise ValueError(f"layers must be 4 positive block counts, got {layers}")
+        backwards = _stage_backwards(backward)
         if block not in BLOCK_TYPES:
             raise ValueError(f"unknown block type {block!r}; choose one of {list(BLOCK_TYPES)}")
         ordinary = BasicBlock if block == "basic" else Bottleneck
@@ -199,7 +222,7 @@ class ODEResNet(StageModel):
 
                 try:
                     stack = ResidualStack.from_factory(
-                        make, depth, tied=tied, scheme=scheme, backward=backward
+                        make, depth, tied=tied, scheme=scheme, backward=backwards[i], step=step
                     )
                 except ValueError as e:
                     raise ValueError(
@@ -225,6 +248,7 @@ class ODEResNet(StageModel):
             backward=backward,
             tied=tied,
             engine=engine,
+            step=step,
         )
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -263,12 +287,13 @@ def resnet(
     small_input: bool = False,
     width: int = 64,
     scheme: str = "euler",
-    backward: str = "autograd",
+    backward: str | Sequence[str] = "autograd",
     tied: bool = False,
     engine: str = "generic",
+    step: float | str | None = None,
 ) -> ODEResNet:
     """A ResNet with custom per-stage block counts ``layers`` (see :class:`ODEResNet`)."""
-    rest = (num_classes, in_channels, small_input, width, scheme, backward, tied, engine)
+    rest = (num_classes, in_channels, small_input, width, scheme, backward, tied, engine, step)
     return ODEResNet(layers, block, *rest)
 
 
