@@ -113,7 +113,7 @@ def test_only_updates_its_sections_and_never_mixes_presets(tmp_path):
     first = (tmp_path / "REPORT.md").read_text()
     assert "**reproduced**" in "".join(_claim_rows(first, "reconstruction"))
     assert _claim_rows(first, "memory") == [
-        "| memory | (all claims) | not run at preset smoke | **not run** |"
+        "| memory | (all claims) | not run at preset smoke | - | **not run** | - |"
     ]
     # --only another experiment: reconstruction's section stays, linear-weights' is added
     assert (
@@ -132,7 +132,7 @@ def test_only_updates_its_sections_and_never_mixes_presets(tmp_path):
     third = (tmp_path / "REPORT.md").read_text()
     assert _claim_rows(third, "reconstruction") == [
         "| reconstruction | (all claims) | not run at preset smoke (reconstruction/ holds a "
-        "quick result) | **not run** |"
+        "quick result) | - | **not run** | - |"
     ]
 
 

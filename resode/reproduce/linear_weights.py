@@ -133,11 +133,10 @@ def _entries(w: list[list[float]]) -> dict[str, float]:
 
 def collect(ctx: Context) -> list[dict[str, Any]]:
     keys = ("dim", "samples", "tol", "max_iter", "lr_scale")
-    jobs = [
-        dict(depth=n, seed=s, **{k: ctx.cfg[k] for k in keys})
-        for n in ctx.cfg["depths"]
-        for s in ctx.seeds
-    ]
+    settings = {k: ctx.cfg[k] for k in keys}
+    if ctx.max_steps is not None:  # --max-steps: a check that the preset runs
+        settings["max_iter"] = min(settings["max_iter"], ctx.max_steps)
+    jobs = [dict(depth=n, seed=s, **settings) for n in ctx.cfg["depths"] for s in ctx.seeds]
     return ctx.sweep(train_point, jobs, key=lambda j: f"N{j['depth']}-s{j['seed']}")
 
 
