@@ -101,10 +101,13 @@ def test_written_files_read_back_in_the_paper_formats(data_root):
     assert xi.shape == (12, 3, 32, 32) and sorted(set(yi.tolist())) == [0, 1, 2]
 
 
-#: per experiment, what keeps its paper preset small on two CPU cores (the model, the optimiser
-#: and the data format stay the paper's): small batches, 32-pixel ImageNet crops, no workers
-SMALL = dict(train_overrides=dict(batch_size=8, test_batch_size=8))
+#: what keeps a paper preset small on two CPU cores (the model, the optimiser and the data format
+#: stay the paper's): small batches, 32-pixel ImageNet crops, no loader workers, and the sweep
+#: points run in this process (the command-line test below uses the preset's own launcher)
+SMALL = dict(train_overrides=dict(batch_size=8, test_batch_size=8), launcher="inline")
 IMAGENET_SMALL = dict(data_kwargs=dict(image_size=32, num_workers=0))
+#: measurement batches of the experiments (none may exceed the 36 training images written here)
+MEASURE_SMALL = {"adjoint-failure": dict(grad_batch=8)}
 
 
 def _training_runs(out: Path, exp_id: str) -> list[Path]:
@@ -115,7 +118,8 @@ def _training_runs(out: Path, exp_id: str) -> list[Path]:
 @pytest.mark.parametrize("exp_id", list(EXPERIMENTS))
 def test_paper_preset_runs_checkpoints_and_resumes(data_root, tmp_path, exp_id):
     exp = get_experiment(exp_id)
-    extra = dict(SMALL, **(IMAGENET_SMALL if exp.paper_dataset == "imagenet" else {}))
+    extra = dict(SMALL, **(IMAGENET_SMALL if exp.paper_dataset == "imagenet" else {}),
+                 **MEASURE_SMALL.get(exp_id, {}))  # fmt: skip
     kw = dict(out=tmp_path, device="cpu", data_root=str(data_root), max_steps=2, **extra)
     first = run_experiment(exp_id, "paper", **kw)
     assert first["preset"] == "paper" and first["max_steps"] == 2 and first["claims"]

@@ -79,11 +79,15 @@ def get_experiment(exp_id: str) -> Experiment:
     return importlib.import_module(EXPERIMENTS[exp_id]).EXPERIMENT
 
 
-def _check_inputs(preset, out, device, data_root, launcher, max_steps=None):
+def _check_inputs(preset, out, device, data_root, launcher, options=None):
     """Check every input once; return the device and launcher to use."""
+    options = options or {}
     check_preset(preset)
     check_launcher(launcher)
-    check_max_steps(max_steps)
+    check_max_steps(options.get("max_steps"))
+    nproc = options.get("nproc")
+    if nproc is not None and (not isinstance(nproc, int) or nproc < 1):
+        raise UsageError(f"--nproc-per-node must be a positive integer, got {nproc!r}")
     check_preset_device(preset, device)
     device = check_device(device)
     check_data_root(data_root)
@@ -128,8 +132,7 @@ def run_experiment(
     ``nproc``: processes per training point under the ``torchrun`` launcher).
     """
     get_experiment(exp_id)
-    device, launcher = _check_inputs(preset, out, device, data_root, launcher,
-                                     overrides.get("max_steps"))  # fmt: skip
+    device, launcher = _check_inputs(preset, out, device, data_root, launcher, overrides)
     return _run_one(exp_id, preset, out, list(seeds) if seeds else None, device, data_root,
                     launcher, **overrides)  # fmt: skip
 
@@ -173,8 +176,7 @@ def reproduce(
     ids = list(only) if only else list_experiments()
     for e in ids:
         get_experiment(e)
-    device, launcher = _check_inputs(preset, out, device, data_root, launcher,
-                                     run_options.get("max_steps"))  # fmt: skip
+    device, launcher = _check_inputs(preset, out, device, data_root, launcher, run_options)
     statuses: dict[str, dict[str, Any]] = {}
     for exp_id in ids:
         t0 = time.time()
