@@ -26,7 +26,14 @@ from resode.reproduce import (
     reproduce,
     run_experiment,
 )
-from resode.reproduce.claims import VERDICTS, Claim, seed_stats, verdict_above_noise
+from resode.reproduce.claims import (
+    VERDICTS,
+    Claim,
+    above_noise,
+    seed_stats,
+    spread_text,
+    verdict_above_noise,
+)
 from resode.reproduce.files import read_complete
 from resode.reproduce.report import MARKS
 from resode.reproduce.sweeps import SweepPointError, run_sweep
@@ -190,6 +197,26 @@ def test_seed_statistics_and_noise_verdicts():
     assert verdict_above_noise([10.0])[0] == "inconclusive"  # one seed: no spread to judge
     verdict, rule = verdict_above_noise([2.0, 3.0, 4.0], k=2.0)
     assert verdict == "reproduced" and "2 x seed std" in rule
+    c = Claim("k", "t", "e 1", 3.0, **above_noise([2.0, 3.0, 4.0]))
+    assert (c.verdict, c.spread["std"]) == ("reproduced", 1.0)
+    assert spread_text(c.spread) == "+3 +- 1 (3 seeds)" and spread_text(None) == "-"
+
+
+def test_report_shows_the_spread_and_the_rule_of_each_claim(tmp_path):
+    from resode.reproduce.files import write_json
+    from resode.reproduce.report import write_report
+
+    claims = [Claim("a", "effect A", "A by 0.3", 0.3, **above_noise([0.2, 0.3, 0.4])).to_dict(),
+              Claim("b", "effect B", "B 1", 1.0, "reproduced", rule="B > 0").to_dict()]  # fmt: skip
+    write_json(tmp_path / "memory" / "summary.json", dict(
+        experiment="memory", preset="smoke", device="cpu", numbers={}, claims=claims,
+        figures=[], tables=[], wall_time_s=1.0, complete=True))  # fmt: skip
+    text = write_report(tmp_path, "smoke", {}).read_text()
+    assert (
+        "| memory | effect A | A by 0.3 | +0.3 +- 0.1 (3 seeds) | **reproduced** | effect "
+        "mean +0.3 vs 1 x seed std 0.1 over 3 seeds" in text
+    )
+    assert "| memory | effect B | B 1 | - | **reproduced** | B > 0 |" in text
 
 
 def test_cli_parses_documented_commands():
@@ -199,6 +226,11 @@ def test_cli_parses_documented_commands():
     assert (a.experiment, a.preset, a.seeds, a.launcher) == ("memory", "smoke", [1, 2], "local")
     a = p.parse_args(["reproduce", "--preset", "quick", "--only", "memory", "reconstruction"])
     assert a.only == ["memory", "reconstruction"]
+    a = p.parse_args(["run", "heun-depth", "--preset", "gpu", "--launcher", "torchrun",
+                      "--nproc-per-node", "2", "--max-steps", "3"])  # fmt: skip
+    assert (a.preset, a.launcher, a.nproc_per_node, a.max_steps) == ("gpu", "torchrun", 2, 3)
+    a = p.parse_args(["check", "tiny_resnet", "--shape", "1", "28", "28", "--num-classes", "10"])
+    assert (a.command, a.model, a.shape) == ("check", "tiny_resnet", [1, 28, 28])
     with pytest.raises(SystemExit):
         p.parse_args(["run", "nope"])
     for e in EXPERIMENTS:

@@ -38,7 +38,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         hidden=8,
         batch=500,
         depths=[1, 2, 5, 10, 20, 50, 100, 200, 300],
-        process=[1, 50, 100, 200, 300],
+        process=[1, 100, 200, 300],
     ),
     "paper": dict(
         dim=500, hidden=8, batch=500, depths=list(range(1, 301)), process=list(range(10, 301, 10))

@@ -30,7 +30,7 @@ from .figures import pyplot
 
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(depths=[2**k for k in range(1, 6)], batch=16, channels=16, seeds=[0]),
-    "quick": dict(depths=[2**k for k in range(1, 10)], batch=32, channels=16, seeds=[0]),
+    "quick": dict(depths=[2**k for k in range(1, 9)], batch=32, channels=16, seeds=[0]),
     "paper": dict(depths=[2**k for k in range(1, 16)], batch=128, channels=16, seeds=[0, 1]),
     "gpu": dict(depths=[2**k for k in range(1, 14)], batch=128, channels=16, seeds=[0, 1]),
 }
