@@ -1,9 +1,11 @@
 """The ``resode`` command: run the paper's experiments and the reproduce-all report.
 
     resode list
-    resode run <id> --preset smoke|quick|paper [--out DIR] [--device auto|cpu|cuda|cuda:1]
-                    [--seeds 0 1 2] [--data-root DIR] [--launcher inline|local|slurm] [--debug]
+    resode run <id> --preset smoke|quick|paper|gpu [--out DIR] [--device auto|cpu|cuda|cuda:1]
+                    [--seeds 0 1 2] [--data-root DIR] [--launcher inline|local|slurm|torchrun]
+                    [--nproc-per-node N] [--max-steps N] [--debug]
     resode reproduce --preset quick [--out DIR] [--only id ...]     # writes DIR/REPORT.md
+    resode check MODEL [--checkpoint F] [--dataset D | --shape C H W] [--json]  # resode.check
 
 Exit status: 0 when everything asked for ran, 1 when an experiment failed, 2 for a bad input
 (checked before anything runs). Errors are one line that says what failed and how to fix it;
@@ -38,8 +40,25 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--launcher",
         choices=LAUNCHERS,
         default=None,
-        help="sweep launcher: inline (this process), local (submitit subprocesses), slurm "
-        "(default: inline for smoke/quick, local for paper)",
+        help="sweep launcher: inline (this process), local (submitit subprocesses), slurm, "
+        "torchrun (each training point data-parallel under torchrun, one process per GPU) "
+        "(default: inline for smoke/quick, local for paper, torchrun for gpu when several GPUs "
+        "are visible)",
+    )
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        metavar="N",
+        help="processes per training point under --launcher torchrun (default: visible GPUs)",
+    )
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="only check that the preset runs: every training run does one epoch of N steps "
+        "(one test batch), sweeps are cut; the report marks it",
     )
     p.add_argument(
         "--debug",
@@ -61,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("reproduce", help="run every experiment and write REPORT.md")
     _common(a)
     a.add_argument("--only", nargs="+", choices=list(EXPERIMENTS), default=None)
+    from .check import add_parser as add_check
+
+    add_check(sub)
     return p
 
 
@@ -77,6 +99,12 @@ def _where(args: argparse.Namespace, exp_id: str) -> str:
     return f"the traceback is in {path}" if path.is_file() else "--debug prints the traceback"
 
 
+def _options(args: argparse.Namespace) -> dict:
+    """``max_steps`` and ``nproc`` of the command, when given."""
+    opts = {"max_steps": args.max_steps, "nproc": args.nproc_per_node}
+    return {k: v for k, v in opts.items() if v is not None}
+
+
 def _run(args: argparse.Namespace, debug: bool) -> int:
     from .reproduce import run_experiment
 
@@ -84,7 +112,7 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
     exp_id = args.experiment
     try:
         s = run_experiment(exp_id, args.preset, args.out, args.seeds, args.device,
-                           args.data_root, args.launcher)  # fmt: skip
+                           args.data_root, args.launcher, **_options(args))  # fmt: skip
     except UsageError:
         raise
     except Exception as e:
@@ -108,7 +136,8 @@ def _reproduce(args: argparse.Namespace, debug: bool) -> int:
 
     t0 = time.time()
     res = reproduce(args.preset, args.out, args.only, args.device, args.data_root,
-                    args.launcher, args.seeds, on_failure=on_failure)  # fmt: skip
+                    args.launcher, args.seeds, on_failure=on_failure,
+                    **_options(args))  # fmt: skip
     print(f"wrote {res.path} in {time.time() - t0:.0f} s")
     if res.failed:
         _say(f"{len(res.failed)} of {len(res.statuses)} experiments failed "
@@ -118,6 +147,22 @@ def _reproduce(args: argparse.Namespace, debug: bool) -> int:
     return 0
 
 
+def _check(args: argparse.Namespace) -> int:
+    """``resode check``: :func:`resode.check.main` (a table, or JSON; its input errors are one
+    line and exit 2); any other failure is one line too, with the traceback under
+    ``RESODE_DEBUG=1``."""
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return 130
+    except Exception as e:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            traceback.print_exc()
+        _say(f"check failed: {_one_line(e)} (rerun with {DEBUG_ENV}=1 for the traceback)")
+        return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``resode`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -125,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for exp_id in EXPERIMENTS:
             print(f"{exp_id:16s} {get_experiment(exp_id).title}")
         return 0
+    if args.command == "check":
+        return _check(args)
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         return (_run if args.command == "run" else _reproduce)(args, debug)

@@ -75,6 +75,13 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Maximum of ``t`` over ranks in place (no-op single-process); returns ``t``."""
+    if info.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def broadcast_parameters(module: torch.nn.Module, info: DistInfo) -> None:
     """Copy rank 0's parameters and buffers to every rank."""
     if info.enabled:

@@ -15,7 +15,9 @@
   The same config gives bitwise-identical results twice on the CPU, in one process or in two,
   when the number of intra-op threads is the same (``num_threads`` fixes it for the run).
 * bfloat16 autocast on CUDA (``bf16``), ``torch.compile`` (``compile``).
-* Every epoch: metrics appended to ``<out_dir>/metrics.jsonl`` and a checkpoint written
+* Every epoch: metrics (losses, accuracies, time, peak memory, and for stages with a
+  reconstruction backward the worst drift ``worst_drift`` and the number of ``backward="auto"``
+  fallbacks ``auto_fallbacks``) appended to ``<out_dir>/metrics.jsonl`` and a checkpoint written
   atomically to ``<out_dir>/checkpoint.pt`` (:mod:`resode.checkpoint`: model config + train
   config + model, optimizer, scheduler and RNG states). ``resume=True`` continues from it and
   ends in the same state as an uninterrupted run (bitwise on CPU). A resume whose config changes
@@ -597,6 +599,7 @@ class _Run:
             model = build_model(cfg, self.data)
         self.model = unwrap(model).to(self.device)
         self.model_cfg = get_config(self.model)
+        self.backward_log = _BackwardLog(self.model)
         apply_trainable(self.model, cfg.trainable)
         self.num_params = sum(p.numel() for p in self.model.parameters())
         self._make_loaders()
@@ -719,6 +722,7 @@ class _Run:
         if self.dist.enabled:  # per-rank random streams (dropout), a function of (seed, epoch)
             torch.manual_seed(cfg.seed * 1_000_003 + 7919 * (epoch + 1) + self.dist.rank)
         sums = torch.zeros(3, dtype=torch.float64, device=dev)  # loss, correct, count
+        self.backward_log.reset()
         desc = f"epoch {epoch + 1}/{cfg.epochs}"
         bar = _progress(self.train_loader, self.steps_per_epoch, desc, self.show)
         for step, (x, y) in enumerate(bar):
@@ -734,11 +738,12 @@ class _Run:
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, step {step}")
         D.all_reduce_sum(sums, self.dist)
+        backward = self.backward_log.read(self.dist, dev)
         train_time = time.perf_counter() - t0
         test = evaluate(
             self.model, self.test_loader, dev, self.dist, self.bf16, cfg.max_eval_batches, self.show
         )
-        return self._record(epoch, sums, test, t0, train_time)
+        return {**self._record(epoch, sums, test, t0, train_time), **backward}
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
@@ -746,6 +751,7 @@ class _Run:
             loss = F.cross_entropy(out.float(), y, label_smoothing=self.config.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.backward_log.after_backward()
         self.optimizer.step()
         self.scheduler.step()
         return out, loss
@@ -831,6 +837,52 @@ class _Run:
             "wall_time_s": wall_time_s,
             "model": self.model,
         }
+
+
+class _BackwardLog:
+    """The worst adjoint drift and the number of ``backward="auto"`` fallbacks over an epoch.
+
+    After each backward it reads every stage's new ``last_backward`` report
+    (:func:`resode.backward_reports`): the drift ``||x^_0 - x_0|| / ||x_0||`` of stages whose
+    backward rebuilt activations (any mode but ``"autograd"``) is kept as a running maximum on
+    the device, so no step waits for the device; :meth:`read` reads it once per epoch (NaN, a
+    diverged reconstruction, wins). Under DDP the maximum and the count are taken over ranks.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.stages = [m for m in model.modules() if isinstance(m, Stage)]
+        self.seen: dict[Stage, Any] = {}  # the report of each stage read last (skip stale ones)
+        self.reset()
+
+    def reset(self) -> None:
+        self.worst: torch.Tensor | None = None
+        self.fallbacks = 0
+
+    def after_backward(self) -> None:
+        for st in self.stages:
+            r = st.last_backward
+            if r is None or r is self.seen.get(st):
+                continue
+            self.seen[st] = r
+            if r.mode == "autograd":
+                continue
+            d = r.drift_tensor
+            d = d.detach().double() if isinstance(d, torch.Tensor) else torch.tensor(float(d))
+            w = self.worst
+            self.worst = d if w is None else torch.maximum(w, d.to(w.device))
+            self.fallbacks += int(r.fell_back)
+
+    def read(self, dist_info: D.DistInfo, device: torch.device) -> dict[str, Any]:
+        """``{"worst_drift": float | None, "auto_fallbacks": int}`` of the epoch (``None``: no
+        stage ran an adjoint backward)."""
+        none = torch.tensor(-1.0, dtype=torch.float64)
+        worst = (self.worst if self.worst is not None else none).to(device)
+        count = torch.tensor(float(self.fallbacks), dtype=torch.float64, device=device)
+        D.all_reduce_max(worst, dist_info)
+        D.all_reduce_sum(count, dist_info)
+        w = worst.item()
+        return {"worst_drift": w if (math.isnan(w) or w >= 0) else None,
+                "auto_fallbacks": int(count.item())}  # fmt: skip
 
 
 def _cfg_dict(cfg: ModelConfig | None) -> dict[str, Any] | None:

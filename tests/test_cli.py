@@ -113,7 +113,7 @@ def test_only_updates_its_sections_and_never_mixes_presets(tmp_path):
     first = (tmp_path / "REPORT.md").read_text()
     assert "**reproduced**" in "".join(_claim_rows(first, "reconstruction"))
     assert _claim_rows(first, "memory") == [
-        "| memory | (all claims) | not run at preset smoke | **not run** |"
+        "| memory | (all claims) | not run at preset smoke | - | **not run** | - |"
     ]
     # --only another experiment: reconstruction's section stays, linear-weights' is added
     assert (
@@ -132,7 +132,7 @@ def test_only_updates_its_sections_and_never_mixes_presets(tmp_path):
     third = (tmp_path / "REPORT.md").read_text()
     assert _claim_rows(third, "reconstruction") == [
         "| reconstruction | (all claims) | not run at preset smoke (reconstruction/ holds a "
-        "quick result) | **not run** |"
+        "quick result) | - | **not run** | - |"
     ]
 
 
@@ -170,3 +170,25 @@ def test_damaged_checkpoint_read_by_a_measurement_names_the_run_folder(tmp_path)
     bad.write_bytes(b"\x00garbage")
     with pytest.raises(CheckpointUnreadable, match=f"delete the run folder {bad.parent}"):
         load_model(bad)
+
+
+# ----------------------------------------------------------------------------- resode check
+def test_check_command_prints_the_table_and_reports_bad_input_in_one_line():
+    rc, out = resode("check", "--help")
+    assert rc == 0 and "--checkpoint" in out and "--shape" in out
+    rc, out = resode("check", "tiny_resnet", "--shape", "1", "28", "28", "--num-classes", "10")
+    assert rc == 0, out
+    assert "layer1" in out and "recommended" in out and "Traceback" not in out
+    rc, out = resode("check", "no_such_model", "--shape", "1", "28", "28")
+    assert rc == 2 and "Traceback" not in out
+    errors = [ln for ln in out.splitlines() if "error" in ln]
+    assert len(errors) == 1 and "unknown model 'no_such_model'" in errors[0], out
+
+
+def test_gpu_preset_without_a_gpu_and_bad_max_steps_are_one_line_exit_2(tmp_path):
+    if not torch.cuda.is_available():
+        rc, out = resode("run", "gradient-error", "--preset", "gpu", "--out", str(tmp_path))
+        assert_clean_failure(rc, out, 2, "--preset gpu needs a CUDA GPU", "--preset quick")
+    rc, out = resode("run", "memory", "--preset", "smoke", "--max-steps", "0", "--out",
+                     str(tmp_path))  # fmt: skip
+    assert_clean_failure(rc, out, 2, "--max-steps must be a positive number")

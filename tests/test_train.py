@@ -425,3 +425,40 @@ def test_fashion_mnist_one_epoch_accuracy(monkeypatch):
     acc = r["final"]["test_acc"]
     print(f"fashion-mnist 1 epoch: test acc {acc:.4f} in {time.perf_counter() - t0:.1f}s")
     assert acc >= 0.85
+
+
+def test_metrics_log_the_worst_drift_and_the_auto_fallbacks_of_each_epoch(monkeypatch):
+    """``worst_drift`` is the largest drift any stage reported after any backward of the epoch
+    (``None`` with exact backward passes only); ``auto_fallbacks`` counts the ``auto`` passes
+    that fell back."""
+    import resode
+    from resode import train as T
+
+    seen = []  # per step: [(drift, fell_back)] of the stages' new reports
+    original = T._BackwardLog.after_backward
+
+    def spy(self):
+        seen.append([(float(st.last_backward.drift), st.last_backward.fell_back)
+                     for st in self.stages if st.last_backward.mode != "autograd"])  # fmt: skip
+        original(self)
+
+    monkeypatch.setattr(T._BackwardLog, "after_backward", spy)
+    kw = dict(epochs=2, max_steps_per_epoch=3, lr=0.5)
+    exact = train(_cfg(**kw))
+    assert [(h["worst_drift"], h["auto_fallbacks"]) for h in exact["history"]] == [(None, 0)] * 2
+    seen.clear()
+    adj = train(_cfg(model_kwargs=dict(depth=3, channels=4, engine="generic", backward="adjoint"),
+                     **kw))  # fmt: skip
+    worst = [max(d for step in seen[e * 3 : e * 3 + 3] for d, _ in step) for e in range(2)]
+    assert [h["worst_drift"] for h in adj["history"]] == worst
+    assert worst[1] > 0 and all(h["auto_fallbacks"] == 0 for h in adj["history"])
+    for tol, falls in ((1e-300, True), (1e3, False)):
+        seen.clear()
+        seed_everything(0)
+        net = M.create("tiny_resnet", dict(depth=3, channels=4, engine="generic",
+                                           in_channels=3, num_classes=4))  # fmt: skip
+        resode.set_backward(net, "auto", tol=tol)
+        auto = train(_cfg(**kw), model=net)
+        counts = [sum(f for step in seen[e * 3 : e * 3 + 3] for _, f in step) for e in range(2)]
+        assert [h["auto_fallbacks"] for h in auto["history"]] == counts
+        assert (sum(counts) > 0) == falls

@@ -34,8 +34,10 @@ from .inputs import (
     check_data_root,
     check_device,
     check_launcher,
+    check_max_steps,
     check_out_dir,
     check_preset,
+    check_preset_device,
     default_launcher,
 )
 
@@ -77,10 +79,16 @@ def get_experiment(exp_id: str) -> Experiment:
     return importlib.import_module(EXPERIMENTS[exp_id]).EXPERIMENT
 
 
-def _check_inputs(preset, out, device, data_root, launcher) -> tuple[str, str | None]:
+def _check_inputs(preset, out, device, data_root, launcher, options=None):
     """Check every input once; return the device and launcher to use."""
+    options = options or {}
     check_preset(preset)
     check_launcher(launcher)
+    check_max_steps(options.get("max_steps"))
+    nproc = options.get("nproc")
+    if nproc is not None and (not isinstance(nproc, int) or nproc < 1):
+        raise UsageError(f"--nproc-per-node must be a positive integer, got {nproc!r}")
+    check_preset_device(preset, device)
     device = check_device(device)
     check_data_root(data_root)
     check_out_dir(out)
@@ -119,10 +127,12 @@ def run_experiment(
     """Run one experiment; returns its summary (also written to ``<out>/<id>/summary.json``).
 
     Bad inputs raise :class:`UsageError` before anything runs; ``overrides`` replace preset
-    settings (``train_overrides={...}`` applies to every training section).
+    settings (``train_overrides={...}`` applies to every training section; ``max_steps=N``
+    only checks that the preset runs: one epoch of ``N`` steps per training run, sweeps cut;
+    ``nproc``: processes per training point under the ``torchrun`` launcher).
     """
     get_experiment(exp_id)
-    device, launcher = _check_inputs(preset, out, device, data_root, launcher)
+    device, launcher = _check_inputs(preset, out, device, data_root, launcher, overrides)
     return _run_one(exp_id, preset, out, list(seeds) if seeds else None, device, data_root,
                     launcher, **overrides)  # fmt: skip
 
@@ -152,25 +162,27 @@ def reproduce(
     launcher: str | None = None,
     seeds: Sequence[int] | None = None,
     on_failure: Any = None,
+    **run_options: Any,
 ) -> ReproduceResult:
     """Run every experiment (or ``only`` those) and write ``<out>/REPORT.md``.
 
     A failing experiment does not stop the others: its error goes to ``<out>/<id>/error.json``,
     ``on_failure(exp_id, exc)`` is called, and the report marks it failed. With ``only``, the
     other experiments keep their earlier sections (results of the same preset only).
+    ``run_options``: ``max_steps``, ``nproc``, ``train_overrides`` (see :func:`run_experiment`).
     """
     from .report import write_report
 
     ids = list(only) if only else list_experiments()
     for e in ids:
         get_experiment(e)
-    device, launcher = _check_inputs(preset, out, device, data_root, launcher)
+    device, launcher = _check_inputs(preset, out, device, data_root, launcher, run_options)
     statuses: dict[str, dict[str, Any]] = {}
     for exp_id in ids:
         t0 = time.time()
         try:
             _run_one(exp_id, preset, out, list(seeds) if seeds else None, device, data_root,
-                     launcher)  # fmt: skip
+                     launcher, **run_options)  # fmt: skip
             statuses[exp_id] = {"ok": True, "wall_time_s": round(time.time() - t0, 1)}
         except Exception as e:  # report it, never hide it
             statuses[exp_id] = {"ok": False, "error": f"{type(e).__name__}: {e}",

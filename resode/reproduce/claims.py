@@ -1,9 +1,11 @@
 """Claims of the paper, the evidence measured for them, and their verdicts.
 
 A :class:`Claim` carries the paper's statement, a sentence of evidence with numbers, a headline
-number, a verdict (one of :data:`VERDICTS`) and the rule that turned the numbers into the verdict.
-:func:`seed_stats` and :func:`verdict_above_noise` judge an effect measured over several seeds
-against its spread.
+number, a verdict (one of :data:`VERDICTS`), the rule that turned the numbers into the verdict
+and, for an effect measured over several seeds, its spread. :func:`seed_stats` and
+:func:`verdict_above_noise` judge such an effect against its spread (the one rule every training
+claim uses); :func:`above_noise` gives the verdict, the rule and the spread as keyword arguments
+of :class:`Claim`, so the report shows ``mean +- std (n seeds)`` beside the verdict.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ class Claim:
         value: the headline number (``None`` when not run).
         verdict: one of :data:`VERDICTS`; a non-finite ``value`` is never ``"reproduced"``.
         rule: how the verdict follows from the numbers, in words.
+        spread: :func:`seed_stats` of the effect the verdict judges, when it was measured over
+            seeds (``None`` for a single measurement); the report shows mean +- std.
     """
 
     key: str
@@ -37,6 +41,7 @@ class Claim:
     value: float | None
     verdict: str
     rule: str = ""
+    spread: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
@@ -85,3 +90,19 @@ def verdict_above_noise(effects: Sequence[float], k: float = 1.0) -> tuple[str, 
     if st["mean"] < -k * st["std"]:
         return "not reproduced", rule
     return "inconclusive", rule
+
+
+def above_noise(effects: Sequence[float], k: float = 1.0) -> dict[str, Any]:
+    """``{"verdict", "rule", "spread"}`` of :func:`verdict_above_noise` and :func:`seed_stats`
+    for the per-seed ``effects``: ``Claim(key=..., text=..., evidence=..., value=...,
+    **above_noise(effects))``."""
+    v, rule = verdict_above_noise(effects, k)
+    return {"verdict": v, "rule": rule, "spread": seed_stats(effects)}
+
+
+def spread_text(spread: dict[str, float] | None) -> str:
+    """``"+0.012 +- 0.004 (3 seeds)"`` of a :func:`seed_stats` dict; ``"-"`` for ``None``."""
+    if not spread:
+        return "-"
+    n = int(spread["n"])
+    return f"{spread['mean']:+.3g} +- {spread['std']:.2g} ({n} seed{'s' if n != 1 else ''})"

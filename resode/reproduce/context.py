@@ -23,9 +23,14 @@ class Context:
         device: where the experiment runs; ``device_requested`` what was asked for, and
             ``device_note`` why they differ (``None`` when they do not).
         data_root, dataset, data_kwargs: the data (``dataset`` is ``None`` without data).
-        launcher: the sweep launcher (see :func:`resode.reproduce.sweeps.run_sweep`).
+        launcher: the sweep launcher (see :func:`resode.reproduce.sweeps.run_sweep`); with
+            ``torchrun`` only training sweeps run under torchrun, the others inline.
+        nproc: processes per training point under ``torchrun`` (``None``: one per GPU).
         train_overrides: training settings applied over every training section of the preset
             (e.g. ``{"max_steps_per_epoch": 2}`` to prove a preset runs end to end).
+        max_steps: set by ``--max-steps N`` (``None`` otherwise): the run only proves that the
+            preset starts, checkpoints and resumes (one epoch of ``N`` steps per training run,
+            sweeps cut); experiments with loops of their own cap them too.
         figures, tables: files written so far (the tables listed in the report).
         points_computed, points_reused: sweep points run now / reused from an earlier run.
     """
@@ -43,6 +48,8 @@ class Context:
     dataset: str | None
     data_kwargs: dict[str, Any]
     train_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    max_steps: int | None = None
+    nproc: int | None = None
     figures: list[str] = dataclasses.field(default_factory=list)
     tables: list[str] = dataclasses.field(default_factory=list)
     points_computed: int = 0
@@ -68,10 +75,14 @@ class Context:
         launcher: str | None = None,
         validate: Callable[[dict[str, Any]], str | None] | None = None,
     ) -> SweepResults:
-        """:func:`run_sweep` of ``fn`` over ``jobs`` with result files in ``out_dir/folder``."""
+        """:func:`run_sweep` of ``fn`` over ``jobs`` with result files in ``out_dir/folder``
+        (launcher: ``launcher``, else the run's, ``inline`` for ``torchrun``)."""
+        if launcher is None:
+            launcher = "inline" if self.launcher == "torchrun" else self.launcher
         res = run_sweep(
-            fn, jobs, self.out_dir / folder, key=key, launcher=launcher or self.launcher,
+            fn, jobs, self.out_dir / folder, key=key, launcher=launcher,
             desc=self.experiment + (f": {desc}" if desc else ""), validate=validate,
+            nproc=self.nproc,
         )  # fmt: skip
         self.points_computed += res.ran
         self.points_reused += res.reused
@@ -100,12 +111,14 @@ class Context:
     def train_sweep(
         self, jobs: Sequence[Job], folder: str = "runs", desc: str | None = None, fn=None
     ) -> SweepResults:
-        """Run training jobs (:meth:`train_job`); a finished run whose checkpoint cannot be read
-        is trained again (the folder is named)."""
+        """Run training jobs (:meth:`train_job`; data-parallel under the ``torchrun``
+        launcher); a finished run whose checkpoint cannot be read is trained again (the folder
+        is named)."""
         from .training import checkpoint_problem, train_run
 
         return self.sweep(fn or train_run, jobs, key=lambda j: Path(j["run_dir"]).name,
-                          folder=folder, desc=desc, validate=checkpoint_problem)  # fmt: skip
+                          folder=folder, desc=desc, validate=checkpoint_problem,
+                          launcher=self.launcher)  # fmt: skip
 
     def write_table(self, name: str, rows: Sequence[dict[str, Any]], report: bool = True) -> None:
         """Write ``out_dir/name`` as CSV; ``report``: list it in the summary and the report."""

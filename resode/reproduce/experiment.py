@@ -33,7 +33,7 @@ from .claims import Claim
 from .context import Context
 from .figures import save_figure
 from .files import read_json, to_jsonable, write_json
-from .inputs import check_preset
+from .inputs import UsageError, check_preset
 from .provenance import provenance
 
 #: dataset of each preset when the preset does not name one (``paper``: the experiment's own)
@@ -43,7 +43,10 @@ PRESET_DATA: dict[str, tuple[str, dict[str, Any]]] = {
         dict(num_train=512, num_test=256, in_channels=1, image_size=16, noise=2.0),
     ),  # fmt: skip
     "quick": ("fashion_mnist", {}),
+    "gpu": ("fashion_mnist", {}),  # offline data: GPU machines often have no network
 }
+#: under ``max_steps``: every training section runs one epoch of that many steps
+MAX_STEPS_TRAINING = dict(epochs=1, max_eval_batches=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +66,11 @@ class Experiment:
         devices: device types the experiment can run on; on another one it runs on the CPU and
             says so.
         default_seeds: seeds when neither the command nor the preset gives them.
+        sweep_keys: settings that are sweep lists, cut to their first two entries under
+            ``max_steps`` (an experiment that needs another cut reads ``ctx.max_steps``).
+
+    A preset the experiment does not declare but the command knows (``gpu``) runs the
+    experiment's ``quick`` settings, and the summary says so.
     """
 
     id: str
@@ -76,6 +84,7 @@ class Experiment:
     paper_dataset: str | None = None
     devices: tuple[str, ...] = ("cpu", "cuda")
     default_seeds: tuple[int, ...] = (0,)
+    sweep_keys: tuple[str, ...] = ("depths",)
 
     def context(
         self,
@@ -86,15 +95,30 @@ class Experiment:
         data_root: str | None,
         launcher: str,
         train_overrides: dict[str, Any] | None = None,
+        max_steps: int | None = None,
+        nproc: int | None = None,
         **overrides: Any,
     ) -> Context:
-        """The settings of one run: preset merged with ``overrides``, seeds, folder, data."""
-        check_preset(preset, list(self.presets))
-        cfg = {**self.presets[preset], **overrides}
-        run_device, note = device, None
+        """The settings of one run: preset merged with ``overrides``, seeds, folder, data;
+        ``max_steps``: a run that only proves the preset works (see :class:`Context`)."""
+        settings, notes = self._settings(preset)
+        cfg = {**settings, **overrides}
+        run_device = device
         if device.split(":")[0] not in self.devices:
             run_device = "cpu"
-            note = f"{self.id} runs on {'/'.join(self.devices)} only: --device {device} not used"
+            notes.append(f"{self.id} runs on {'/'.join(self.devices)} only: --device {device} "
+                         "not used")  # fmt: skip
+        seeds = list(seeds or cfg.get("seeds") or self.default_seeds)
+        train_overrides = dict(train_overrides or {})
+        if max_steps is not None:
+            cfg, seeds = self._cut(cfg), seeds[:1]
+            cfg["max_steps"] = max_steps
+            train_overrides = {**MAX_STEPS_TRAINING, "max_steps_per_epoch": max_steps,
+                               **train_overrides}  # fmt: skip
+            notes.append(
+                f"--max-steps {max_steps}: a check that the preset runs (one epoch of "
+                f"{max_steps} steps per training run, sweeps cut), not a result"
+            )
         dataset, data_kwargs = None, {}
         if self.paper_dataset is not None:
             default = PRESET_DATA.get(preset, (self.paper_dataset, {}))
@@ -102,12 +126,28 @@ class Experiment:
             data_kwargs = dict(cfg.get("data_kwargs", default[1]))
             cfg["dataset"] = dataset
         return Context(
-            experiment=self.id, preset=preset, cfg=cfg,
-            seeds=list(seeds or cfg.get("seeds") or self.default_seeds),
+            experiment=self.id, preset=preset, cfg=cfg, seeds=seeds,
             out_dir=Path(out) / self.id, device=run_device, device_requested=device,
-            device_note=note, data_root=data_root, launcher=launcher, dataset=dataset,
-            data_kwargs=data_kwargs, train_overrides=dict(train_overrides or {}),
+            device_note="; ".join(notes) or None, data_root=data_root, launcher=launcher,
+            dataset=dataset, data_kwargs=data_kwargs, train_overrides=train_overrides,
+            max_steps=max_steps, nproc=nproc,
         )  # fmt: skip
+
+    def _settings(self, preset: str) -> tuple[dict[str, Any], list[str]]:
+        """The preset's settings and notes (``gpu`` falls back to ``quick``)."""
+        check_preset(preset)
+        if preset in self.presets:
+            return dict(self.presets[preset]), []
+        if preset == "gpu" and "quick" in self.presets:
+            return dict(self.presets["quick"]), [f"{self.id} has no gpu settings: its quick "
+                                                 "settings run on the device"]  # fmt: skip
+        raise UsageError(f"{self.id} has no {preset!r} settings; choose one of "
+                         f"{list(self.presets)}")  # fmt: skip
+
+    def _cut(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        """``cfg`` with each sweep list of :attr:`sweep_keys` cut to its first two entries."""
+        return {k: (v[:2] if k in self.sweep_keys and isinstance(v, list) else v)
+                for k, v in cfg.items()}  # fmt: skip
 
     def run(
         self,
@@ -119,7 +159,8 @@ class Experiment:
         launcher: str = "inline",
         **overrides: Any,
     ) -> dict[str, Any]:
-        """Run the experiment into ``<out>/<id>/``; return its summary."""
+        """Run the experiment into ``<out>/<id>/``; return its summary (``overrides``: preset
+        settings, and ``train_overrides``, ``max_steps``, ``nproc`` of :meth:`context`)."""
         t0 = time.time()
         ctx = self.context(preset, out, seeds, device, data_root, launcher, **overrides)
         if ctx.device_note:
@@ -179,5 +220,7 @@ def finish(ctx: Context, t0: float, numbers: dict[str, Any], claims: Sequence[Cl
         summary["reused"] = True
     if ctx.device_note:
         summary["device_note"] = ctx.device_note
+    if ctx.max_steps is not None:
+        summary["max_steps"] = ctx.max_steps
     write_json(ctx.out_dir / "summary.json", summary)
     return summary

@@ -14,8 +14,10 @@ import torch
 
 from .sweeps import LAUNCHERS
 
-#: the settings every experiment declares (see :class:`resode.reproduce.experiment.Experiment`)
-PRESETS: tuple[str, ...] = ("smoke", "quick", "paper")
+#: the settings the commands know: every experiment declares smoke, quick and paper; ``gpu``
+#: (one GPU, minutes) falls back to an experiment's quick settings where it has none
+#: (see :class:`resode.reproduce.experiment.Experiment`)
+PRESETS: tuple[str, ...] = ("smoke", "quick", "paper", "gpu")
 
 
 class UsageError(ValueError):
@@ -35,8 +37,30 @@ def check_launcher(launcher: str | None) -> str | None:
 
 
 def default_launcher(preset: str) -> str:
-    """``inline`` (one process, fast, used by CI) for smoke/quick; submitit ``local`` for paper."""
-    return "local" if preset == "paper" else "inline"
+    """``inline`` (one process, fast, used by CI) for smoke/quick; submitit ``local`` for paper;
+    for gpu ``torchrun`` (data-parallel training points) when several GPUs are visible, else
+    ``inline``."""
+    if preset == "paper":
+        return "local"
+    if preset == "gpu" and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        return "torchrun"
+    return "inline"
+
+
+def check_preset_device(preset: str, device: str | None) -> None:
+    """The ``gpu`` preset with ``--device auto`` needs a visible GPU (``--device cpu`` forces the
+    CPU, e.g. to test it)."""
+    if preset == "gpu" and device in (None, "auto") and not torch.cuda.is_available():
+        raise UsageError(
+            "--preset gpu needs a CUDA GPU and none is visible here; use --preset quick on the "
+            "CPU (or --device cpu to run the gpu settings on the CPU anyway)"
+        )
+
+
+def check_max_steps(max_steps: int | None) -> int | None:
+    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+        raise UsageError(f"--max-steps must be a positive number of steps, got {max_steps!r}")
+    return max_steps
 
 
 def available_devices() -> list[str]:

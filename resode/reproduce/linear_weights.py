@@ -82,7 +82,19 @@ def draw_target(dim: int, gen: torch.Generator) -> torch.Tensor:
 def train_point(
     dim: int, depth: int, seed: int, samples: int, tol: float, max_iter: int, lr_scale: float
 ) -> dict[str, Any]:
-    """Train one linear ResNet; return its weights, loss history and depth smoothness."""
+    """Train one linear ResNet; return its weights, loss history and depth smoothness (on one
+    CPU thread: ``d x d`` matrices gain nothing from more, and a busy machine loses a lot)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_point(dim, depth, seed, samples, tol, max_iter, lr_scale)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_point(
+    dim: int, depth: int, seed: int, samples: int, tol: float, max_iter: int, lr_scale: float
+) -> dict[str, Any]:
     import resode
     from resode.diagnostics import depth_smoothness
 
@@ -133,11 +145,10 @@ def _entries(w: list[list[float]]) -> dict[str, float]:
 
 def collect(ctx: Context) -> list[dict[str, Any]]:
     keys = ("dim", "samples", "tol", "max_iter", "lr_scale")
-    jobs = [
-        dict(depth=n, seed=s, **{k: ctx.cfg[k] for k in keys})
-        for n in ctx.cfg["depths"]
-        for s in ctx.seeds
-    ]
+    settings = {k: ctx.cfg[k] for k in keys}
+    if ctx.max_steps is not None:  # --max-steps: a check that the preset runs
+        settings["max_iter"] = min(settings["max_iter"], ctx.max_steps)
+    jobs = [dict(depth=n, seed=s, **settings) for n in ctx.cfg["depths"] for s in ctx.seeds]
     return ctx.sweep(train_point, jobs, key=lambda j: f"N{j['depth']}-s{j['seed']}")
 
 

@@ -14,7 +14,8 @@ measurements per (engine, backward, depth):
     transient workspace. Linux only; elsewhere (b) is reported as missing.
 
 The fused ``resode.fused.MLPStack`` is measured too when the compiled extension is available.
-Runs on the CPU only (the peak is a process measurement).
+On CUDA (``--device cuda``, the ``gpu`` preset) both measurements run in this process: (a) the
+same, (b) the CUDA allocator's peak of a step (tensors only, :class:`resode.utils.PeakMemory`).
 """
 
 from __future__ import annotations
@@ -37,10 +38,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         hidden=8,
         batch=500,
         depths=[1, 2, 5, 10, 20, 50, 100, 200, 300],
-        process=[1, 50, 100, 200, 300],
+        process=[1, 100, 200, 300],
     ),
     "paper": dict(
         dim=500, hidden=8, batch=500, depths=list(range(1, 301)), process=list(range(10, 301, 10))
+    ),
+    "gpu": dict(
+        dim=500,
+        hidden=8,
+        batch=500,
+        depths=[1, *range(10, 301, 10)],
+        process=[1, *range(10, 301, 10)],
     ),
 }
 MIB = 1 / 2**20
@@ -71,14 +79,16 @@ def _saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
 
 
 def _measure_in_process(
-    engine: str, backward: str, depth: int, dim: int, hidden: int, batch: int, seed: int
-) -> dict[str, Any]:
-    """Child side: (a) saved bytes and (b) peak RSS delta of one training step."""
+    engine: str, backward: str, depth: int, dim: int, hidden: int, batch: int, seed: int,
+    device: str = "cpu",
+) -> dict[str, Any]:  # fmt: skip
+    """(a) saved bytes and (b) the peak of one training step: RSS delta (CPU, in a fresh child
+    process) or the CUDA allocator's peak."""
     from resode.utils import PeakMemory, seed_everything
 
     seed_everything(seed)
-    model = build(engine, backward, depth, dim, hidden)
-    x = torch.randn(batch, dim)  # (B, d)
+    model = build(engine, backward, depth, dim, hidden).to(device)
+    x = torch.randn(batch, dim).to(device)  # (B, d)
     saved = _saved_bytes(model, x)
 
     def step() -> None:
@@ -86,7 +96,7 @@ def _measure_in_process(
 
     step()  # warm-up: gradients, allocator and thread pools exist before the measurement
     try:
-        with PeakMemory("cpu") as pm:
+        with PeakMemory(device) as pm:
             step()
         peak = pm.peak_bytes
     except (OSError, RuntimeError):  # no /proc/self/clear_refs
@@ -103,12 +113,22 @@ def measure_point(
     batch: int,
     seed: int,
     process: bool,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """One point of the sweep; ``process=True`` measures in a fresh process."""
+    """One point of the sweep; ``process=True`` measures the peak too (CPU: in a fresh
+    process; CUDA: in this one)."""
     from resode.utils import fresh_process_pool, run_in_child, seed_everything
 
     args = dict(engine=engine, backward=backward, depth=depth, dim=dim, hidden=hidden,
                 batch=batch, seed=seed)  # fmt: skip
+    if device != "cpu":
+        res = _measure_in_process(**args, device=device) if process else {}
+        if not process:
+            seed_everything(seed)
+            model = build(engine, backward, depth, dim, hidden).to(device)
+            res = {"saved_bytes": _saved_bytes(model, torch.randn(batch, dim, device=device)),
+                   "peak_bytes": None}  # fmt: skip
+        return {**args, "process": process, "device": device, **res}
     if process:
         pool = fresh_process_pool(preload=("torch", __name__))
         res = run_in_child(pool, _measure_in_process, *args.values(), timeout=1800, threads=1)
@@ -122,12 +142,14 @@ def measure_point(
 def collect(ctx: Context) -> dict[str, Any]:
     from resode.fused import available_for
 
-    cfg = ctx.cfg
-    engines = ["generic"] + (["fused"] if available_for("cpu") else [])
+    cfg, dev = ctx.cfg, ctx.device
+    engines = ["generic"] + (["fused"] if available_for(dev) else [])
+    cuda = dev.startswith("cuda")
     jobs = [
         dict(engine=engine, backward=backward, depth=depth, dim=cfg["dim"], hidden=cfg["hidden"],
              batch=cfg["batch"], seed=ctx.seed,
-             process=depth in cfg["process"] and sys.platform.startswith("linux"))
+             process=depth in cfg["process"] and (cuda or sys.platform.startswith("linux")),
+             **({"device": dev} if cuda else {}))
         for engine in engines
         for backward in ("autograd", "adjoint")
         for depth in cfg["depths"]
@@ -223,7 +245,8 @@ def figure(ctx: Context, numbers: dict[str, Any]):
                 [r["depth"] for r in sp], [r["peak_bytes"] * MIB for r in sp], ls, ms=3, label=lab
             )
     axes[0].set_title("(a) tensors saved for backward")
-    axes[1].set_title("(b) peak process memory of a step (fresh process)")
+    axes[1].set_title("(b) peak CUDA memory of a step" if ctx.device.startswith("cuda")
+                      else "(b) peak process memory of a step (fresh process)")  # fmt: skip
     for ax in axes:
         ax.set_xlabel("depth N (residual functions)")
         ax.set_ylabel("memory (MiB)")
@@ -247,7 +270,8 @@ def claims(ctx: Context, numbers: dict[str, Any]) -> list[Claim]:
         # flat: the adjoint grows less than 10% as fast as autograd (peak memory also holds
         # the O(N) parameter-gradient buffers of a step, reported alongside)
         ok = r2 > 0.98 and slope > 0 and adj_slope < 0.1 * slope and dmax >= 8
-        what = "bytes saved for backward" if name == "saved" else "peak process memory"
+        peak = "peak CUDA memory" if ctx.device.startswith("cuda") else "peak process memory"
+        what = "bytes saved for backward" if name == "saved" else peak
         out.append(Claim(
             key=f"{name}_ratio",
             text=f"memory: autograd grows linearly in depth, adjoint is flat ({what})",
@@ -269,5 +293,5 @@ def claims(ctx: Context, numbers: dict[str, Any]) -> list[Claim]:
 EXPERIMENT = Experiment(
     "memory", "Activation memory vs depth (autograd linear, adjoint flat)",
     PRESETS, collect, aggregate, figure, claims,
-    figure_name="memory", devices=("cpu",)
+    figure_name="memory", sweep_keys=("depths", "process"),
 )  # fmt: skip

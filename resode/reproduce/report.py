@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .claims import spread_text
 from .files import read_complete, read_json, write_text
 from .provenance import hardware
 
@@ -99,17 +100,23 @@ def _claim_rows(states: dict[str, dict[str, Any]], counts: dict[str, int]) -> It
             mark = st["state"]
             counts[mark] = counts.get(mark, 0) + 1
             why = f"failed: {st['why']}" if mark == "failed" else st["why"]
-            yield f"| {exp_id} | (all claims) | {_cell(why)} | **{mark}** |"
+            yield f"| {exp_id} | (all claims) | {_cell(why)} | - | **{mark}** | - |"
             continue
         for c in st["summary"]["claims"]:
             v = c["verdict"]
             counts[v] = counts.get(v, 0) + 1
-            yield f"| {exp_id} | {_cell(c['text'])} | {_cell(c['evidence'])} | **{v}** |"
+            cells = (exp_id, c["text"], c["evidence"], spread_text(c.get("spread")))
+            yield ("| " + " | ".join(_cell(x) for x in cells) + f" | **{v}** | "
+                   f"{_cell(c.get('rule') or '-')} |")  # fmt: skip
 
 
 def _claims_table(states: dict[str, dict[str, Any]]) -> list[str]:
     counts: dict[str, int] = {}
-    lines = ["## Claims", "", "| experiment | claim | measured | verdict |", "|---|---|---|---|"]
+    lines = ["## Claims", "",
+             "Effect over seeds: mean +- sample standard deviation of the effect the verdict "
+             "judges (training claims: reproduced only when it exceeds the spread).", "",
+             "| experiment | claim | measured | effect over seeds | verdict | rule |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
     lines += list(_claim_rows(states, counts))
     total = sum(st["summary"]["wall_time_s"] for st in states.values() if st["state"] == "ok")
     return lines + [
@@ -130,13 +137,18 @@ def _section(out: Path, exp_id: str, title: str, st: dict[str, Any]) -> list[str
         return lines + [f"**Not run**: {st['why']}.", ""]
     s = st["summary"]
     when = " From an earlier run of this preset." if st.get("earlier") else ""
+    if s.get("max_steps") is not None:
+        lines += [f"**Check run** (`--max-steps {s['max_steps']}`): the preset ran a few "
+                  "steps per training run to prove it works; the numbers are not results.",
+                  ""]  # fmt: skip
     lines += [f"Wall time {s['wall_time_s']:.0f} s on {s.get('device', 'cpu')}. Provenance: "
               f"`{exp_id}/provenance.json`.{when}", ""]  # fmt: skip
     if s.get("device_note"):
         lines += [f"Note: {s['device_note']}.", ""]
     for c in s["claims"]:
         rule = f" (rule: {c['rule']})" if c.get("rule") else ""
-        lines.append(f"- {c['text']}: {c['evidence']} -> **{c['verdict']}**{rule}")
+        spread = f" [effect {spread_text(c['spread'])}]" if c.get("spread") else ""
+        lines.append(f"- {c['text']}: {c['evidence']}{spread} -> **{c['verdict']}**{rule}")
     lines.append("")
     lines += [f"![{exp_id}]({exp_id}/{f})\n" for f in s["figures"] if f.endswith(".png")]
     for tab in s.get("tables", []):

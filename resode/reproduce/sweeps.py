@@ -3,20 +3,27 @@
 :func:`run_sweep` writes ``<run_dir>/<key>.json`` for every point (``"complete": true`` last) and
 skips a point whose file is complete and was made with the same arguments, so an interrupted
 sweep resumes where it stopped. Points run in this process (``inline``), in submitit
-subprocesses (``local``) or on a Slurm cluster (``slurm``).
+subprocesses (``local``), on a Slurm cluster (``slurm``), or each under
+``torchrun --nproc_per_node=<n>`` (``torchrun``: data-parallel training points, one process per
+GPU; :func:`resode.train.train` joins the process group by itself, rank 0 writes the result).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import pickle
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .files import read_complete, to_jsonable, write_json
+from .files import read_complete, read_json, to_jsonable, write_json
 
-LAUNCHERS: tuple[str, ...] = ("inline", "local", "slurm")
+LAUNCHERS: tuple[str, ...] = ("inline", "local", "slurm", "torchrun")
 
 Job = dict[str, Any]
 
@@ -85,8 +92,74 @@ def _executor(launcher: str, run_dir: Path, parallel: int, slurm: dict[str, Any]
     return ex
 
 
-def _launch(fn, todo: list[tuple[int, str, Job]], launcher, run_dir, parallel, slurm, done):
+def torchrun_nproc(device: str | None, nproc: int | None = None) -> int:
+    """Processes per point under the ``torchrun`` launcher: ``nproc`` if given, else the number
+    of visible GPUs for a CUDA ``device``, else 1."""
+    if nproc is not None:
+        if not isinstance(nproc, int) or nproc < 1:
+            raise ValueError(f"nproc must be a positive integer, got {nproc!r}")
+        return nproc
+    import torch
+
+    cuda = str(device or "").startswith("cuda") and torch.cuda.is_available()
+    return max(torch.cuda.device_count(), 1) if cuda else 1
+
+
+_WORKER = (
+    "import sys; from resode.reproduce.sweeps import torchrun_worker; "
+    "sys.exit(torchrun_worker(sys.argv[1:]))"
+)
+
+
+def torchrun_worker(argv: Sequence[str]) -> int:
+    """One process of a ``torchrun`` point: ``argv = [spec.pkl, result.json]``; runs the pickled
+    ``fn(**job)`` (on GPU ``LOCAL_RANK`` for a CUDA job) and, on rank 0, writes its result."""
+    import torch
+
+    spec, out = argv
+    with open(spec, "rb") as f:
+        fn, job = pickle.load(f)
+    if str(job.get("device", "")).startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    result = fn(**job)
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_json(out, to_jsonable(result))
+    return 0
+
+
+def _torchrun_call(fn: Callable[..., dict[str, Any]], log: str, nproc: int, **job: Any) -> dict:
+    """``fn(**job)`` in ``nproc`` processes under ``torchrun --standalone``; its output goes to
+    ``log``; a failure raises with the last lines of the log."""
+    root = str(Path(__file__).resolve().parents[2])  # the folder that holds the resode package
+    with tempfile.TemporaryDirectory(prefix="resode-torchrun-") as tmp:
+        spec, out = Path(tmp) / "job.pkl", Path(tmp) / "result.json"
+        with open(spec, "wb") as f:
+            pickle.dump((fn, job), f)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", "--no-python", sys.executable, "-c", _WORKER,
+               str(spec), str(out)]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in (root, os.environ.get("PYTHONPATH")) if p)}  # fmt: skip
+        with open(log, "w") as f:
+            rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+        result = read_json(out)
+        if rc != 0 or result is None:
+            tail = " | ".join(Path(log).read_text().strip().splitlines()[-3:])
+            raise RuntimeError(f"torchrun ({nproc} processes) exited with status {rc}; log "
+                               f"{log}: {tail}")  # fmt: skip
+        return result
+
+
+def _launch(fn, todo: list[tuple[int, str, Job]], launcher, run_dir, parallel, slurm, done,
+            nproc: int | None = None):  # fmt: skip
     """Run the ``(index, path, job)`` points of ``todo``; call ``done(index, result)`` for each."""
+    if launcher == "torchrun":
+        for i, path, job in todo:
+            n = torchrun_nproc(job.get("device"), nproc)
+            log = str(Path(path).with_suffix(".torchrun.log"))
+            call = fn if n == 1 else functools.partial(_torchrun_call, fn, log, n)
+            done(i, _run_job(call, path, job))
+        return
     if launcher == "inline":
         for i, path, job in todo:
             done(i, _run_job(fn, path, job))
@@ -115,6 +188,7 @@ def run_sweep(
     parallel: int = 1,
     slurm: dict[str, Any] | None = None,
     validate: Callable[[dict[str, Any]], str | None] | None = None,
+    nproc: int | None = None,
 ) -> SweepResults:
     """Run ``fn(**job)`` for every job, skipping the ones already finished; return all results.
 
@@ -124,8 +198,12 @@ def run_sweep(
         run_dir: where ``<key(job)>.json`` result files live.
         key: file name of a job's result (unique per job).
         launcher: ``"inline"`` (this process, in order), ``"local"`` (submitit's local
-            executor: one subprocess per job, at most ``parallel`` at a time) or ``"slurm"``
-            (submitit on a Slurm cluster, ``slurm`` holds the executor parameters).
+            executor: one subprocess per job, at most ``parallel`` at a time), ``"slurm"``
+            (submitit on a Slurm cluster, ``slurm`` holds the executor parameters) or
+            ``"torchrun"`` (each point, in order, in ``nproc`` processes under ``torchrun``:
+            for functions that train with :func:`resode.train.train`, which runs data-parallel
+            there; with one process the point runs inline).
+        nproc: processes per point for ``torchrun`` (default :func:`torchrun_nproc`).
         parallel: concurrent jobs for the local/slurm launchers.
         validate: called on a finished result before it is reused; a returned reason (e.g.
             "its checkpoint is unreadable") reruns the point and is printed.
@@ -152,7 +230,7 @@ def run_sweep(
         bar.update(1)
 
     try:
-        _launch(fn, todo, launcher, run_dir, parallel, slurm, done)
+        _launch(fn, todo, launcher, run_dir, parallel, slurm, done, nproc)
     finally:
         bar.close()
     return SweepResults(results, ran=len(todo), reused=len(jobs) - len(todo))
