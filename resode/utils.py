@@ -170,19 +170,30 @@ def fresh_process_pool(
     tensors, no allocator history) in milliseconds. With ``pin_mmap_threshold`` the server is
     started with glibc's ``MALLOC_MMAP_THRESHOLD_`` pinned to :data:`MMAP_THRESHOLD` (children
     inherit it), so large freed buffers leave the resident set at once. The calling process's
-    environment is left unchanged. Falls back to ``spawn`` where ``forkserver`` is unavailable.
+    environment is left unchanged. Python has one forkserver per process: when it is already
+    running with the other mmap setting, it is restarted with the one asked for. Falls back to
+    ``spawn`` where ``forkserver`` is unavailable.
     """
     try:
         ctx = mp.get_context("forkserver")
     except ValueError:
         return mp.get_context("spawn")
-    ctx.set_forkserver_preload(list(preload))
-    env = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)} if pin_mmap_threshold else {}
-    with _env(**env):
-        from multiprocessing import forkserver
+    from multiprocessing import forkserver
 
+    want = str(MMAP_THRESHOLD) if pin_mmap_threshold else os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    ctx.set_forkserver_preload(list(preload))
+    server = forkserver._forkserver
+    if server._forkserver_pid is not None and run_in_child(ctx, _mmap_threshold_env) != want:
+        server._stop()  # started earlier with the other setting (its children inherit it)
+    env = {"MALLOC_MMAP_THRESHOLD_": want} if pin_mmap_threshold else {}
+    with _env(**env):
         forkserver.ensure_running()
     return ctx
+
+
+def _mmap_threshold_env() -> str | None:
+    """``MALLOC_MMAP_THRESHOLD_`` as a child of the forkserver sees it."""
+    return os.environ.get("MALLOC_MMAP_THRESHOLD_")
 
 
 def _child(conn, fn, args, threads) -> None:
