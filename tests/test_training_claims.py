@@ -208,6 +208,8 @@ def test_resnet_per_stage_backward_and_step():
 
 
 def test_standard_init_reaches_the_fused_stage():
+    if not resode.fused.available_for("cpu"):  # tests/test_fused.py fails CI in that case
+        pytest.skip("resode extension (fused ConvStack) not available")
     m = create("tiny_resnet", dict(depth=3, channels=4, engine="fused"), in_channels=1)
     assert float(m.layer1.bn2_weight.detach().abs().max()) == 0.0
     standard_residual_init(m)
