@@ -160,6 +160,8 @@ def test_tied_depth_verdict_on_seed_effects(tmp_path, acc, verdict):
     claim, diagnostic = tied_depth.claims(ctx, numbers)
     assert claim.verdict == verdict, claim.evidence
     assert "seed std" in claim.rule
+    # the report's "effect over seeds" column: the spread of the effect the verdict judged
+    assert claim.spread["n"] == 3 and claim.spread["mean"] == pytest.approx(claim.value)
     assert diagnostic.key == "converges_batch_stats" and diagnostic.verdict == "inconclusive"
 
 
@@ -315,6 +317,8 @@ def test_heun_depth_smoke_has_the_paper_code_arm(smoke):
         "grad_error",
     }
     assert all(c["rule"] for c in s["claims"])
+    grad = next(c for c in s["claims"] if c["key"] == "grad_error")
+    assert grad["spread"]["n"] >= 1 and grad["spread"]["mean"] == pytest.approx(grad["value"])
 
 
 def test_adjoint_failure_smoke_reports_fallbacks_and_memory(smoke):

@@ -426,6 +426,7 @@ def _fails_claim(key: str, text: str, row: dict, ref: dict, margin: float, extra
         value=float(np.mean(row["shortfall_vs_autograd"])),
         verdict=verdict,
         rule=rule,
+        spread=seed_stats([d - margin for d in row["shortfall_vs_autograd"]]),
     )
 
 

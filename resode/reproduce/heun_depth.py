@@ -403,6 +403,8 @@ def claims(ctx: Context, numbers: dict[str, Any]) -> list[Claim]:
                 value=float(det["match_depth_heun"] or math.nan),
                 verdict=verdict,
                 rule=rule,
+                # the seed-paired effect at the deciding depth (Euler's excess minus Heun's)
+                spread=seed_stats(det["effect"]) if det.get("effect") else None,
             )
         )
     eff = numbers["grad_error_log_ratio"]
@@ -427,6 +429,7 @@ def claims(ctx: Context, numbers: dict[str, Any]) -> list[Claim]:
             verdict=verdict,
             rule="per seed, mean over depths of log10(Euler's error / Heun's), chained adjoint: "
             + rule,
+            spread=seed_stats(eff["adjoint"]),
         )
     )
     return out

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from .claims import Claim, verdict_above_noise
+from .claims import Claim, seed_stats, verdict_above_noise
 from .context import Context
 from .experiment import Experiment
 from .figures import pyplot
@@ -192,6 +192,7 @@ def _claim(key: str, text: str, table, prefix: str, changes, effect, depths) -> 
         verdict=verdict,
         rule="per seed, |accuracy change between the two shallowest depths| - |change "
         "between the two deepest|: " + rule,
+        spread=seed_stats(effect) if effect else None,
     )  # fmt: skip
 
 

@@ -288,6 +288,7 @@ def _batch_stats_claim(numbers: dict[str, Any]) -> Claim:
         verdict=verdict,
         rule="per seed, batch-statistics accuracy untied-fine-tuned minus tied-fine-tuned: "
         + rule,
+        spread=seed_stats(gain),
     )  # fmt: skip
 
 
@@ -309,6 +310,7 @@ def claims(ctx: Context, numbers: dict[str, Any]) -> list[Claim]:
             value=float(np.mean(gain)),
             verdict=v1,
             rule="per seed, accuracy after minus before: " + r1,
+            spread=seed_stats(gain),
         ),
         Claim(
             key="untying_matters",
@@ -321,6 +323,7 @@ def claims(ctx: Context, numbers: dict[str, Any]) -> list[Claim]:
             value=float(np.mean(untying)),
             verdict=v2,
             rule="per seed, accuracy untied-fine-tuned minus tied-fine-tuned: " + r2,
+            spread=seed_stats(untying),
         ),
         _batch_stats_claim(numbers),
         Claim(
