@@ -210,13 +210,7 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
 
 def extra_saved_bytes(model: nn.Module) -> int:
     """Bytes a stage reports holding for backward outside ``save_for_backward`` (fused)."""
-    total = 0
-    for m in model.modules():
-        v = getattr(m, "extra_saved_bytes", None)
-        if v is None or isinstance(m, PlainLoop):
-            continue
-        total += int(v() if callable(v) else v)
-    return total
+    return sum(int(getattr(m, "extra_saved_bytes", 0)) for m in model.modules())
 
 
 def activation_bytes(model: nn.Module, x: Tensor) -> int:

@@ -5,7 +5,7 @@
 //   vjp(n, ctx, g, scale, gx, accumulate):  gradient of scale * <g, f_n(x)> w.r.t. the
 //       parameters of f_n (accumulated) and x (added to gx, or written when !accumulate).
 //       g is read completely before gx is written, so gx may alias g.
-//   scratch_ctx(x), make_store(x, evals), wrap_store(tensors, evals), stored_ctx(store, e):
+//   scratch_ctx(x), make_store(x, evals[, &given]), stored_ctx(store, e):
 //       contexts, in scratch buffers or in the store of the exact backward (table.h)
 //   prepare_backward(x), finish_backward(), grads(): parameter gradients, in op order
 //
@@ -36,8 +36,8 @@ struct Store {
   Tensor row(int group, int64_t e) const { return tensors[start[group]][e]; }
 };
 
-// Plans the store of `evals` evaluations for the groups whose flag holds (flag(only_if)); the
-// tensors are allocated by `alloc` (alloc(group) -> tensor) or taken from `given`.
+// Plans the store of `evals` evaluations for the groups whose flag holds (flag(only_if)):
+// the start index of each stored group (-1: not stored); the total tensor count goes to *size.
 template <size_t N, class Flag>
 std::vector<int64_t> plan_store(const StoreGroup (&groups)[N], int64_t evals, Flag flag,
                                 int64_t* size) {
@@ -101,7 +101,8 @@ struct MLPBlock {
            const OptTensor& b2, int64_t act, int64_t depth);
 
   int64_t idx(int64_t n) const { return P == 1 ? 0 : n; }
-  // tanh / relu derivatives only need the activation: z is computed in place into a
+  // tanh / relu derivatives need only the activation a, so the preactivation z is not stored
+  // (it is computed in place into a); other activations keep z too (table.h).
   bool needs_z() const { return find_id(kActivations, act)->needs_preactivation; }
 
   Ctx scratch_ctx(const Tensor& x) const;

@@ -152,7 +152,7 @@ enum : int { RESODE_CONV_STORE(RESODE_INDEX_ENTRY) count };
 }
 #undef RESODE_INDEX_ENTRY
 
-// The entry with id `id` (ids are checked before use; see check_common in ops.cpp).
+// The entry with id `id` (ids are checked before use: OpScope and stores_contexts in ops.cpp).
 template <class T, size_t N>
 const T* find_id(const T (&entries)[N], int64_t id) {
   for (const T& e : entries) {
@@ -162,7 +162,6 @@ const T* find_id(const T (&entries)[N], int64_t id) {
 }
 
 inline const SchemeInfo& scheme_info(int64_t id) { return *find_id(kSchemes, id); }
-inline const ModeInfo& mode_info(int64_t id) { return *find_id(kModes, id); }
 
 inline int64_t num_steps(int64_t scheme_id, int64_t depth) {
   return depth - scheme_info(scheme_id).steps_offset;

@@ -303,7 +303,7 @@ def mlp_stage(x, w1, b1, w2, b2, *, activation, scheme, step, depth, spec) -> Te
 
 def _mlp_forward_fake(x, w1, b1, w2, b2, act, scheme, h, depth, mode, save):
     t = table()
-    if not (save and t.by_id("modes", mode)["stores_contexts"]):
+    if not (save and mode_flag(mode, "stores_contexts")):
         return torch.empty_like(x), []
     dims = {"input": x.shape, "hidden": (x.shape[0], w1.shape[1])}
     flags = t.by_id("activations", act)
@@ -400,7 +400,7 @@ def _conv_forward_fake(x, params, running, scheme, h, depth, train, update, mom,
     t = table()
     counts = x.new_empty(params[0].shape[0], dtype=torch.long)
     new_running = [torch.empty_like(r) for r in running] if train and update else []
-    if not (save and t.by_id("modes", mode)["stores_contexts"]):
+    if not (save and mode_flag(mode, "stores_contexts")):
         return torch.empty_like(x), [], new_running, counts
     dims = {"input": x.shape, "channels": (x.shape[1],)}
     saved = t.fake_store("conv", x, t.num_evals(scheme, depth), dims, {})

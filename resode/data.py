@@ -422,8 +422,8 @@ def fashion_mnist(
 ) -> Data:
     """Fashion-MNIST (IDX files), 28x28 grey images, 10 classes (no augmentation by default)."""
     roots = _candidate_roots(root, FASHION_MNIST_SYSTEM_DIRS)
-    d = _find_fashion_mnist(roots)
-    _check_root(root, d, "Fashion-MNIST", _fmnist_message(roots), download)
+    d, msg = _find_fashion_mnist(roots), _fmnist_message(roots)
+    _check_root(root, d, "Fashion-MNIST", msg, download)
     if d is None and download:
         dest = _download_root(root) / "fashion-mnist"
         try:
@@ -433,9 +433,9 @@ def fashion_mnist(
                         _download(FASHION_MNIST_URL + n + ".gz", dest / (n + ".gz"))
             d = dest
         except Exception as e:
-            raise DatasetNotFoundError(_fmnist_message(roots) + f"\nDownload failed: {e}") from e
+            raise DatasetNotFoundError(msg + f"\nDownload failed: {e}") from e
     if d is None:
-        raise DatasetNotFoundError(_fmnist_message(roots))
+        raise DatasetNotFoundError(msg)
     splits = {}
     for split, (img, lab) in FASHION_MNIST_FILES.items():
         x = read_idx(_find_file(d, img))

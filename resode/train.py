@@ -64,7 +64,7 @@ from .checkpoint import (
 )
 from .data import Data, get_dataset
 from .models import ModelConfig, create, get_config, unwrap
-from .stack import Stage
+from .stack import Stage, stages
 from .utils import peak_memory, resolve_device, seed_everything
 
 __all__ = [
@@ -850,7 +850,7 @@ class _BackwardLog:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.stages = [m for m in model.modules() if isinstance(m, Stage)]
+        self.stages = stages(model)
         self.seen: dict[Stage, Any] = {}  # the report of each stage read last (skip stale ones)
         self.reset()
 
@@ -866,10 +866,8 @@ class _BackwardLog:
             self.seen[st] = r
             if r.mode == "autograd":
                 continue
-            d = r.drift_tensor
-            d = d.detach().double() if isinstance(d, torch.Tensor) else torch.tensor(float(d))
-            w = self.worst
-            self.worst = d if w is None else torch.maximum(w, d.to(w.device))
+            d = r.drift_tensor.double()  # a detached tensor on the run's device (not autograd)
+            self.worst = d if self.worst is None else torch.maximum(self.worst, d)
             self.fallbacks += int(r.fell_back)
 
     def read(self, dist_info: D.DistInfo, device: torch.device) -> dict[str, Any]:

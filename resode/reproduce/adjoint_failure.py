@@ -61,7 +61,7 @@ from typing import Any
 
 import numpy as np
 
-from .claims import Claim, seed_stats, verdict_above_noise
+from .claims import Claim, above_noise, seed_stats
 from .context import Context
 from .experiment import Experiment
 from .figures import pyplot
@@ -402,16 +402,22 @@ def figure(ctx: Context, numbers: dict[str, Any]):
     return fig
 
 
-def fails_verdict(shortfall: list[float], margin: float) -> tuple[str, str]:
-    """Verdict on "the arm ends more than ``margin`` below autograd" (seed-paired shortfalls)."""
-    verdict, rule = verdict_above_noise([d - margin for d in shortfall])
-    return verdict, (
-        f"seed-paired accuracy shortfall vs autograd minus {100 * margin:g} pts: " + rule
+def fails_fields(shortfall: list[float], margin: float) -> dict[str, Any]:
+    """Verdict, rule and spread of "the arm ends more than ``margin`` below autograd"
+    (seed-paired shortfalls), as :class:`Claim` keywords."""
+    return above_noise(
+        [d - margin for d in shortfall],
+        prefix=f"seed-paired accuracy shortfall vs autograd minus {100 * margin:g} pts: ",
     )
 
 
+def fails_verdict(shortfall: list[float], margin: float) -> tuple[str, str]:
+    """``(verdict, rule)`` of :func:`fails_fields`."""
+    f = fails_fields(shortfall, margin)
+    return f["verdict"], f["rule"]
+
+
 def _fails_claim(key: str, text: str, row: dict, ref: dict, margin: float, extra: str) -> Claim:
-    verdict, rule = fails_verdict(row["shortfall_vs_autograd"], margin)
     return Claim(
         key=key,
         text=text,
@@ -424,9 +430,7 @@ def _fails_claim(key: str, text: str, row: dict, ref: dict, margin: float, extra
             f"{row['diverged']} diverged){extra}"
         ),
         value=float(np.mean(row["shortfall_vs_autograd"])),
-        verdict=verdict,
-        rule=rule,
-        spread=seed_stats([d - margin for d in row["shortfall_vs_autograd"]]),
+        **fails_fields(row["shortfall_vs_autograd"], margin),
     )
 
 

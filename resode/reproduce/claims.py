@@ -92,12 +92,12 @@ def verdict_above_noise(effects: Sequence[float], k: float = 1.0) -> tuple[str, 
     return "inconclusive", rule
 
 
-def above_noise(effects: Sequence[float], k: float = 1.0) -> dict[str, Any]:
+def above_noise(effects: Sequence[float], k: float = 1.0, prefix: str = "") -> dict[str, Any]:
     """``{"verdict", "rule", "spread"}`` of :func:`verdict_above_noise` and :func:`seed_stats`
-    for the per-seed ``effects``: ``Claim(key=..., text=..., evidence=..., value=...,
-    **above_noise(effects))``."""
+    for the per-seed ``effects`` (``prefix`` says what the effect is, before the rule):
+    ``Claim(key=..., text=..., evidence=..., value=..., **above_noise(effects, prefix=...))``."""
     v, rule = verdict_above_noise(effects, k)
-    return {"verdict": v, "rule": rule, "spread": seed_stats(effects)}
+    return {"verdict": v, "rule": prefix + rule, "spread": seed_stats(effects)}
 
 
 def spread_text(spread: dict[str, float] | None) -> str:

@@ -58,7 +58,7 @@ from typing import Any
 
 import numpy as np
 
-from .claims import Claim, seed_stats, verdict_above_noise
+from .claims import Claim, above_noise, seed_stats, verdict_above_noise
 from .context import Context
 from .experiment import Experiment
 from .figures import pyplot
@@ -259,17 +259,14 @@ def match_verdict(
         "inconclusive"
     )
     details: dict[str, Any] = {"match_depth_euler": d_e, "match_depth_heun": d_h}
-    if (d_h or inf) < (d_e or inf):
-        effect = [e - h for e, h in zip(gap_euler[d_h], gap_heun[d_h])]
-        verdict, _ = verdict_above_noise(effect)
-        details.update(deciding_depth=d_h, effect=effect)
-        return ("reproduced" if verdict == "reproduced" else "inconclusive"), rule, details
-    if (d_e or inf) < (d_h or inf):
-        effect = [e - h for e, h in zip(gap_euler[d_e], gap_heun[d_e])]
-        verdict, _ = verdict_above_noise(effect)
-        details.update(deciding_depth=d_e, effect=effect)
-        return ("not reproduced" if verdict == "not reproduced" else "inconclusive"), rule, details
-    return "inconclusive", rule, details
+    if (d_h or inf) == (d_e or inf):
+        return "inconclusive", rule, details
+    # the scheme that matches first decides; only its direction can give a verdict
+    d, want = (d_h, "reproduced") if (d_h or inf) < (d_e or inf) else (d_e, "not reproduced")
+    effect = [e - h for e, h in zip(gap_euler[d], gap_heun[d])]
+    verdict, _ = verdict_above_noise(effect)
+    details.update(deciding_depth=d, effect=effect)
+    return (want if verdict == want else "inconclusive"), rule, details
 
 
 def _table(ctx: Context, rows, grad, gaps) -> list[dict[str, Any]]:
@@ -412,7 +409,6 @@ def claims(ctx: Context, numbers: dict[str, Any]) -> list[Claim]:
     def mean_grad(scheme: str, depth: int) -> float:
         return float(np.mean([grad[(scheme, depth, "adjoint", s)] for s in ctx.seeds]))
 
-    verdict, rule = verdict_above_noise(eff["adjoint"])
     out.append(
         Claim(
             key="grad_error",
@@ -426,10 +422,11 @@ def claims(ctx: Context, numbers: dict[str, Any]) -> list[Claim]:
             + f"; per-seed mean log10(Euler/Heun): chained {pm(eff['adjoint'], 1, 2)}, "
             f"paper code (stored) {pm(eff['adjoint_stored'], 1, 2)}",
             value=float(np.mean(eff["adjoint"])),
-            verdict=verdict,
-            rule="per seed, mean over depths of log10(Euler's error / Heun's), chained adjoint: "
-            + rule,
-            spread=seed_stats(eff["adjoint"]),
+            **above_noise(
+                eff["adjoint"],
+                prefix="per seed, mean over depths of log10(Euler's error / Heun's), chained "
+                "adjoint: ",
+            ),
         )
     )
     return out

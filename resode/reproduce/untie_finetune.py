@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from .claims import Claim, seed_stats, verdict_above_noise
+from .claims import Claim, above_noise, seed_stats
 from .context import Context
 from .experiment import Experiment
 from .figures import pyplot
@@ -276,7 +276,6 @@ def _batch_stats_claim(numbers: dict[str, Any]) -> Claim:
     """The control evaluated with BatchNorm normalising by test-batch statistics: untying also
     gives every step its own running statistics, which a tied stage shares across steps."""
     acc, gain = numbers["acc_batch_stats"], numbers["untying_gain_batch_stats"]
-    verdict, rule = verdict_above_noise(gain)
     return Claim(
         key="untying_matters_batch_stats",
         text="(diagnostic) the untying gain remains when BatchNorm uses test-batch statistics "
@@ -285,18 +284,14 @@ def _batch_stats_claim(numbers: dict[str, Any]) -> Claim:
                   f"fine-tuned {pm(acc['untied'])}, tied fine-tuned {pm(acc['tied'])}; untied "
                   f"minus tied, seed-paired: {pm(gain, digits=2)} pts"),
         value=float(np.mean(gain)),
-        verdict=verdict,
-        rule="per seed, batch-statistics accuracy untied-fine-tuned minus tied-fine-tuned: "
-        + rule,
-        spread=seed_stats(gain),
+        **above_noise(gain, prefix="per seed, batch-statistics accuracy untied-fine-tuned minus "
+                      "tied-fine-tuned: "),
     )  # fmt: skip
 
 
 def claims(ctx: Context, numbers: dict[str, Any]) -> list[Claim]:
     acc, mem, stage = numbers["acc"], numbers["memory_bytes"], ctx.cfg["stage"]
     gain, untying = numbers["gain"], numbers["untying_gain"]
-    v1, r1 = verdict_above_noise(gain)
-    v2, r2 = verdict_above_noise(untying)
     ratio = mem["autograd"] / max(mem["adjoint"], 1)
     return [
         Claim(
@@ -308,9 +303,7 @@ def claims(ctx: Context, numbers: dict[str, Any]) -> list[Claim]:
                 f"{pm(gain, digits=2)} pts)"
             ),
             value=float(np.mean(gain)),
-            verdict=v1,
-            rule="per seed, accuracy after minus before: " + r1,
-            spread=seed_stats(gain),
+            **above_noise(gain, prefix="per seed, accuracy after minus before: "),
         ),
         Claim(
             key="untying_matters",
@@ -321,9 +314,9 @@ def claims(ctx: Context, numbers: dict[str, Any]) -> list[Claim]:
                 f"minus tied, seed-paired: {pm(untying, digits=2)} pts"
             ),
             value=float(np.mean(untying)),
-            verdict=v2,
-            rule="per seed, accuracy untied-fine-tuned minus tied-fine-tuned: " + r2,
-            spread=seed_stats(untying),
+            **above_noise(
+                untying, prefix="per seed, accuracy untied-fine-tuned minus tied-fine-tuned: "
+            ),
         ),
         _batch_stats_claim(numbers),
         Claim(
