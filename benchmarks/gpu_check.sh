@@ -1,20 +1,39 @@
 #!/usr/bin/env bash
 # One-shot check of the fused extension on a CUDA machine (no internet needed; uses the torch
-# already installed there). Builds resode._C with CUDA, runs the CUDA tests and the CPU fused
-# tests, runs the benchmark on the GPU and prints a summary table last. Every step has a
-# timeout; the whole script stays under ~9 minutes. Logs go to $OUT (default
-# /tmp/resode_gpu_check), flat, at most 8 files.
+# already installed there), sized for a short GPU lease. Phases, in order (each with a timeout,
+# the whole run inside $GPU_CHECK_BUDGET seconds):
 #
-#   bash benchmarks/gpu_check.sh            # from the repository root
+#   build   use a prebuilt resode/_C for this Python if it loads with CUDA kernels
+#           (RESODE_GPU_PREBUILT=1, e.g. built elsewhere against the same torch), else build
+#           (pip -e ., then setup.py build_ext --inplace)
+#   probe   every op called with a bad argument on CUDA tensors must raise (issue 11 item 4);
+#           on a crash, a backtrace with cuda-gdb when it is there
+#   tests   tests/test_fused_cuda*.py (parity of every CUDA path with the generic engine)
+#   bench   benchmarks/fused_vs_generic.py --device cuda (issue 11's targets, side by side)
+#   peers   benchmarks/peers.py --device cuda --quick
+#   devprobe  with a prebuilt module: also build the extension HERE (in the background, while the
+#           tests run) and repeat the probe against that build (item 4 concerns builds made on
+#           the GPU machine)
 #
+#   bash benchmarks/gpu_check.sh                    # all phases, from the repository root
+#   GPU_CHECK_PHASES="build tests" bash benchmarks/gpu_check.sh
+#
+# Logs go to $OUT (default /tmp/resode_gpu_check), flat, at most 8 files; summary.txt last.
 # Env: PYTHON (interpreter with torch; default: first of python3/python that imports torch),
-#      TORCH_CUDA_ARCH_LIST (default: the visible GPU's arch), MAX_JOBS (default: nproc).
+#      TORCH_CUDA_ARCH_LIST (default: the visible GPU's arch), MAX_JOBS (default: nproc),
+#      GPU_CHECK_BUDGET (seconds, default 480), BENCH_CONFIGS (fused_vs_generic --configs).
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/resode_gpu_check}"
 mkdir -p "$OUT"
 T0=$(date +%s)
+BUDGET="${GPU_CHECK_BUDGET:-480}"
+PHASES="${GPU_CHECK_PHASES:-build probe tests bench peers}"
 elapsed() { echo $(( $(date +%s) - T0 )); }
+left() { local l=$(( BUDGET - $(elapsed) )); [ "$l" -lt 20 ] && l=20; echo "$l"; }
+has() { case " $PHASES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+# timeout of a phase: at most $1 seconds, and no more than the budget leaves ($2 kept back)
+cap() { local l=$(( $(left) - ${2:-0} )); [ "$l" -lt 20 ] && l=20; [ "$l" -gt "$1" ] && l=$1; echo "$l"; }
 
 PY="${PYTHON:-}"
 if [ -z "$PY" ]; then
@@ -25,82 +44,125 @@ if [ -z "$PY" ]; then
   done
 fi
 if [ -z "$PY" ]; then echo "gpu_check: no python with torch found" | tee "$OUT/summary.txt"; exit 1; fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export RESODE_CACHE_DIR="${RESODE_CACHE_DIR:-/tmp/resode_ext_cache}"
 
 timeout 60 "$PY" - <<'EOF' 2>&1 | tee "$OUT/build.log"
-import torch, torch.utils.cpp_extension as ce
-print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.is_available(),
+import sys, torch, torch.utils.cpp_extension as ce
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
+      "gpu", torch.cuda.is_available(),
       torch.cuda.get_device_name() if torch.cuda.is_available() else "-", "CUDA_HOME", ce.CUDA_HOME)
 EOF
-if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
-  TORCH_CUDA_ARCH_LIST=$(timeout 60 "$PY" -c "import torch; c=torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}')" 2>/dev/null || echo "9.0")
-fi
-export TORCH_CUDA_ARCH_LIST
-export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-# compile the CUDA sources whenever a toolkit is there (CUDA_HOME, nvcc on PATH, /usr/local/cuda)
-NVCC=""
-if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then NVCC="$CUDA_HOME/bin/nvcc"
-elif command -v nvcc >/dev/null; then NVCC="$(command -v nvcc)"
-elif [ -x /usr/local/cuda/bin/nvcc ]; then NVCC=/usr/local/cuda/bin/nvcc; fi
-if [ -n "$NVCC" ]; then
-  export RESODE_FORCE_CUDA=1  # setup.py finds the toolkit root (nvcc wrappers included)
-  echo "nvcc: $NVCC" | tee -a "$OUT/build.log"
-else
-  echo "nvcc: none found -- the CUDA kernels cannot be built here" | tee -a "$OUT/build.log"
-fi
-export RESODE_CACHE_DIR="${RESODE_CACHE_DIR:-/tmp/resode_ext_cache}"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-rm -f resode/_C*.so
+ext_status() { timeout 150 "$PY" -c "import resode._ext as e; print(e.extension_available())" 2>&1 | tail -1; }
 
-# 1. build (editable install; fall back to an in-place build; the JIT build is the last resort,
-#    triggered by the first import of the fused stages)
-BUILD=fail
-echo "== pip install --no-build-isolation --no-deps -e . (arch $TORCH_CUDA_ARCH_LIST)" | tee -a "$OUT/build.log"
-timeout 240 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . >>"$OUT/build.log" 2>&1
-PIP_RC=$?
-if [ "$PIP_RC" = 0 ]; then
-  BUILD=pip
-elif [ "$PIP_RC" != 124 ]; then  # a timeout would only repeat itself
-  echo "== pip failed ($PIP_RC); trying setup.py build_ext --inplace" | tee -a "$OUT/build.log"
-  if timeout 180 "$PY" setup.py build_ext --inplace >>"$OUT/build.log" 2>&1; then BUILD=inplace; fi
-fi
-echo "build: $BUILD after $(elapsed)s" | tee -a "$OUT/build.log"
-STATUS=$(timeout 150 "$PY" -c "import resode._ext as e; print(e.extension_available())" 2>&1 | tail -1)
-echo "extension: $STATUS" | tee -a "$OUT/build.log"
-
-# 2. tests: CUDA parity (refine, drift report, auto included) / bf16 / reverse / torch.compile
-#    (inductor, three backward modes), then the CPU fused tests
-export RESODE_REQUIRE_EXTENSION=1
-timeout 240 "$PY" -m pytest tests/test_fused_cuda.py -q -x -p no:cacheprovider >"$OUT/test_cuda.log" 2>&1
-CUDA_RC=$?
-timeout 180 "$PY" -m pytest tests/test_fused.py -q -p no:cacheprovider >"$OUT/test_cpu.log" 2>&1
-CPU_RC=$?
-echo "tests done after $(elapsed)s"
-
-# 3. benchmark on the GPU (narrow MLP, tiny conv b128 d32, the GPU target b256 d64, wide MLP)
-LEFT=$(( 420 - $(elapsed) ))
-[ "$LEFT" -lt 45 ] && LEFT=45
-timeout "$LEFT" "$PY" benchmarks/fused_vs_generic.py --device cuda --out "$OUT" \
-  --configs narrow_mlp tiny_conv_b256_d64 tiny_conv wide_mlp >"$OUT/bench.log" 2>&1
-BENCH_RC=$?
-
-# 3b. the peers benchmark (issue 6) on the GPU, quick sizes
-timeout 130 "$PY" benchmarks/peers.py --device cuda --quick --out /tmp/resode_peers >/tmp/resode_peers.log 2>&1
-PEERS_RC=$?
-cp /tmp/resode_peers/peers.md "$OUT/peers.md" 2>/dev/null || tail -5 /tmp/resode_peers.log
-
-# 4. summary (last)
-{
-  echo "================ resode gpu_check summary ($(elapsed)s) ================"
-  echo "build:      $BUILD"
-  echo "extension:  $STATUS"
-  echo "cuda tests: rc=$CUDA_RC  $(tail -1 "$OUT/test_cuda.log")"
-  echo "cpu tests:  rc=$CPU_RC  $(tail -1 "$OUT/test_cpu.log")"
-  echo "benchmark:  rc=$BENCH_RC"
-  echo "peers:      rc=$PEERS_RC"
-  [ -f "$OUT/peers.md" ] && grep -E '^[|]' "$OUT/peers.md" | head -40
-  if [ -f "$OUT/fused_vs_generic_cuda.md" ]; then
-    grep -E '^\|' "$OUT/fused_vs_generic_cuda.md"
-  else
-    tail -20 "$OUT/bench.log"
+# 1. build
+BUILD=skipped
+if has build; then
+  STATUS=""
+  if [ "${RESODE_GPU_PREBUILT:-0}" = 1 ]; then
+    STATUS=$(ext_status)
+    echo "prebuilt: $STATUS" | tee -a "$OUT/build.log"
   fi
+  case "$STATUS" in
+    *"cuda=True"*"source='prebuilt'"*) BUILD=prebuilt ;;
+    *)
+      if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+        TORCH_CUDA_ARCH_LIST=$(timeout 60 "$PY" -c "import torch; c=torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}')" 2>/dev/null || echo "9.0")
+      fi
+      export TORCH_CUDA_ARCH_LIST MAX_JOBS="${MAX_JOBS:-$(nproc)}" RESODE_FORCE_CUDA=1
+      rm -f resode/_C*.so
+      echo "== pip install --no-build-isolation -e . (arch $TORCH_CUDA_ARCH_LIST)" | tee -a "$OUT/build.log"
+      if timeout "$(cap 240)" "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . >>"$OUT/build.log" 2>&1; then
+        BUILD=pip
+      else
+        echo "== pip failed; setup.py build_ext --inplace" | tee -a "$OUT/build.log"
+        if timeout "$(cap 200)" "$PY" setup.py build_ext --inplace >>"$OUT/build.log" 2>&1; then BUILD=inplace; else BUILD=fail; fi
+      fi ;;
+  esac
+fi
+STATUS=$(ext_status)
+echo "build: $BUILD after $(elapsed)s; extension: $STATUS" | tee -a "$OUT/build.log"
+export RESODE_REQUIRE_EXTENSION=1
+DEVBUILD_PID=""
+if has devprobe; then  # a second build, made here, for the probe only (out of the source tree)
+  ( export RESODE_FORCE_CUDA=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+    export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+    rm -rf /tmp/devpkg && mkdir -p /tmp/devpkg && cp -r resode /tmp/devpkg/ && rm -f /tmp/devpkg/resode/_C*.so
+    timeout 300 "$PY" setup.py build_ext --build-lib /tmp/devlib --build-temp /tmp/devtmp \
+      >/tmp/devbuild.log 2>&1 && cp /tmp/devlib/resode/_C*.so /tmp/devpkg/resode/ ) &
+  DEVBUILD_PID=$!
+fi
+
+# 2. probe: bad calls on CUDA must raise
+PROBE=skipped
+if has probe; then
+  timeout "$(cap 90)" "$PY" -m pytest tests/test_fused_cuda_errors.py tests/test_fused.py \
+    -k "raises_on_a_bad_argument" -q -p no:cacheprovider >"$OUT/probe.log" 2>&1
+  PROBE=$?
+  if [ "$PROBE" != 0 ] && command -v cuda-gdb >/dev/null; then
+    PYTHONPATH="tests:$PYTHONPATH" "$PY" -c "import test_fused as t, sys; open('/tmp/bad.py','w').write(t._BAD_CALLS.replace('d = dict(dtype=torch.float64)', 'd = dict(dtype=torch.float64, device=\"cuda\")'))" \
+      2>>"$OUT/probe.log" || true
+    ( cd tests && timeout 120 cuda-gdb -batch -ex run -ex bt -ex "info sharedlibrary" \
+        --args "$(command -v "$PY")" /tmp/bad.py ) >>"$OUT/probe.log" 2>&1
+  fi
+  echo "probe: rc=$PROBE after $(elapsed)s"
+fi
+
+# 3. CUDA tests (no -x: every failure is listed)
+TESTS=skipped
+if has tests; then
+  timeout "$(cap 240 150)" "$PY" -m pytest tests/test_fused_cuda.py -q -rf -p no:cacheprovider \
+    >"$OUT/test_cuda.log" 2>&1
+  TESTS=$?
+  echo "tests: rc=$TESTS after $(elapsed)s"
+fi
+
+# 3b. the probe against the build made here
+DEVPROBE=skipped
+if [ -n "$DEVBUILD_PID" ]; then
+  wait "$DEVBUILD_PID"
+  if ls /tmp/devpkg/resode/_C*.so >/dev/null 2>&1; then
+    echo "== devprobe: the build made on this machine" >>"$OUT/probe.log"
+    PYTHONPATH="/tmp/devpkg:$PYTHONPATH" timeout "$(cap 60)" "$PY" -m pytest \
+      tests/test_fused_cuda_errors.py tests/test_fused.py -k "raises_on_a_bad_argument" -q \
+      -p no:cacheprovider >>"$OUT/probe.log" 2>&1
+    DEVPROBE=$?
+  else
+    DEVPROBE=build-failed; tail -30 /tmp/devbuild.log >>"$OUT/probe.log"
+  fi
+  echo "devprobe: $DEVPROBE after $(elapsed)s"
+fi
+
+# 4. benchmark on the GPU (issue 11's configurations)
+BENCH=skipped
+if has bench; then
+  P=""; has peers && P=60
+  timeout "$(cap 400 "${P:-0}")" "$PY" benchmarks/fused_vs_generic.py --device cuda --out "$OUT" \
+    --steps "${BENCH_STEPS:-7}" \
+    --configs ${BENCH_CONFIGS:-narrow_mlp narrow_mlp_bf16 wide_mlp tiny_conv_b256_d64} >"$OUT/bench.log" 2>&1
+  BENCH=$?
+  echo "bench: rc=$BENCH after $(elapsed)s"
+fi
+
+# 5. the peers benchmark on the GPU, quick sizes
+PEERS=skipped
+if has peers; then
+  timeout "$(cap 130)" "$PY" benchmarks/peers.py --device cuda --quick --out /tmp/resode_peers >/tmp/resode_peers.log 2>&1
+  PEERS=$?
+  cp /tmp/resode_peers/peers.md "$OUT/peers.md" 2>/dev/null || tail -5 /tmp/resode_peers.log
+fi
+
+# 6. summary (last)
+{
+  echo "================ resode gpu_check summary ($(elapsed)s of $BUDGET) ================"
+  echo "build:      $BUILD  $STATUS"
+  echo "probe:      rc=$PROBE  $( [ -f "$OUT/probe.log" ] && grep -E 'passed|failed|error' "$OUT/probe.log" | tail -1)"
+  echo "devprobe:   $DEVPROBE $( [ -f "$OUT/probe.log" ] && grep -E 'passed|failed|error' "$OUT/probe.log" | tail -1)"
+  echo "cuda tests: rc=$TESTS  $( [ -f "$OUT/test_cuda.log" ] && tail -1 "$OUT/test_cuda.log")"
+  [ -f "$OUT/test_cuda.log" ] && grep -E '^FAILED|^ERROR' "$OUT/test_cuda.log" | head -30
+  echo "benchmark:  rc=$BENCH"
+  echo "peers:      rc=$PEERS"
+  [ -f "$OUT/fused_vs_generic_cuda.md" ] && grep -E '^\|' "$OUT/fused_vs_generic_cuda.md"
+  [ "$BENCH" != skipped ] && [ ! -f "$OUT/fused_vs_generic_cuda.md" ] && tail -20 "$OUT/bench.log"
+  [ -f "$OUT/peers.md" ] && grep -E '^[|]' "$OUT/peers.md" | head -40
 } | tee "$OUT/summary.txt"

@@ -285,6 +285,9 @@ def test_a_quick_style_run_is_deterministic(tmp_path):
     assert a["backward_log"]["layer1"]["backwards"] == 8
     c = _short_run(tmp_path / "c", seed=1)
     assert c["history"][-1]["train_loss"] != a["history"][-1]["train_loss"]
+    # resumed from its finished checkpoint: no step runs, the log of the whole run comes back
+    again = _short_run(tmp_path / "a")
+    assert again["backward_log"] == a["backward_log"]
 
 
 # ----------------------------------------------------------------------------- smoke runs

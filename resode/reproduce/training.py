@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from resode.reproduce.files import write_json
+
 
 @functools.lru_cache(maxsize=4)
 def load_data(dataset: str, data_root: str | None, device: str, data_kwargs: str = "{}"):
@@ -117,7 +119,7 @@ def _prepare_run_dir(run_dir: str, args: dict[str, Any]) -> None:
             print(f"[resode] {run}: {why.replace('its checkpoint', 'checkpoint')}", flush=True)
             fresh = True
     if fresh:
-        for name in ("checkpoint.pt", "metrics.jsonl", "config.json"):
+        for name in ("checkpoint.pt", "metrics.jsonl", "config.json", "backward_log.json"):
             (run / name).unlink(missing_ok=True)
     run.mkdir(parents=True, exist_ok=True)
     stamp.write_text(text)
@@ -155,8 +157,11 @@ class BackwardLog:
     A forward pre-hook on every :class:`resode.Stage` reads the stage's ``last_backward`` (the
     :class:`resode.BackwardReport` of the previous training step) when a new training forward
     starts; :meth:`close` reads the last one and removes the hooks. Each report is counted once
-    (evaluation forwards run no backward). For a run resumed from a checkpoint it covers the steps
-    run since the resume.
+    (evaluation forwards run no backward). With ``path`` (``backward_log.json`` in a run
+    directory) the counts of earlier calls on the same run are read first and the totals written
+    back (atomically) by :meth:`close`, so a resumed run, also one resumed from a finished
+    checkpoint, reports the whole run; passes re-run after an interruption (the steps after the
+    last checkpoint) are counted each time they ran.
 
     :meth:`summary` gives, per stage: ``backwards`` (passes), ``fell_back`` (``"auto"`` passes
     that drifted beyond ``tol`` and returned exact gradients), ``exact`` (passes with exact
@@ -165,7 +170,7 @@ class BackwardLog:
     passes.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, path: str | Path | None = None) -> None:
         from resode.stack import stages
 
         self._named = [(n, m) for n, m in model.named_modules() if m in set(stages(model))]
@@ -174,6 +179,12 @@ class BackwardLog:
             n: dict(backwards=0, fell_back=0, exact=0, drift_sum=0.0, worst_drift=0.0)
             for n, _ in self._named
         }
+        self._path = None if path is None else Path(path)
+        if self._path is not None and self._path.is_file():
+            before = json.loads(self._path.read_text())
+            for n, st in self._stats.items():  # null: a NaN drift (write_json)
+                old = before.get(n, {})
+                st.update({k: float("nan") if v is None else v for k, v in old.items()})
         self._hooks = [
             m.register_forward_pre_hook(lambda mod, args, n=n: self._read(n, mod))
             for n, m in self._named
@@ -198,6 +209,8 @@ class BackwardLog:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        if self._path is not None:
+            write_json(self._path, self._stats)
 
     def summary(self) -> dict[str, dict[str, float]]:
         out = {}
@@ -391,7 +404,7 @@ def train_run(
         net = build_model(cfg, data)
         if residual_init == "standard":
             standard_residual_init(net)
-    log = BackwardLog(net)
+    log = BackwardLog(net, Path(run_dir) / "backward_log.json")
     try:
         res = train(cfg, model=net, data=data)
     finally:
