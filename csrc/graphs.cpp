@@ -64,6 +64,25 @@ bool env_enabled() {
 
 constexpr size_t kCapacity = 16;
 
+// The global numerics settings that a capture bakes in (TF32, reduced-precision cuBLAS
+// reductions, cuDNN benchmark / deterministic): part of every key, so that a change captures
+// again instead of replaying the old choice.
+std::string numerics_key() {
+  const at::Context& c = at::globalContext();
+  const int flags[] = {
+      static_cast<int>(c.float32MatmulPrecision()),
+      static_cast<int>(c.float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL)),
+      static_cast<int>(c.float32Precision(at::Float32Backend::CUDA, at::Float32Op::CONV)),
+      static_cast<int>(c.allowFP16ReductionCuBLAS()),
+      static_cast<int>(c.allowBF16ReductionCuBLAS()),
+      static_cast<int>(c.benchmarkCuDNN()),
+      static_cast<int>(c.deterministicCuDNN()),
+      static_cast<int>(c.deterministicAlgorithms())};
+  std::string s = ";numerics";
+  for (int f : flags) s += "," + std::to_string(f);
+  return s;
+}
+
 struct Entry {
   std::mutex mutex;  // one call at a time: the static buffers are shared
   int64_t eager_runs = 0;
@@ -243,7 +262,7 @@ Key& Key::params(at::TensorList ts) {
 
 Flat run_flat(const std::string& key, const std::vector<Tensor>& inputs, const Body& body) {
 #ifdef WITH_CUDA
-  std::shared_ptr<Entry> e = cache().get(key);
+  std::shared_ptr<Entry> e = cache().get(key + numerics_key());
   std::unique_lock<std::mutex> lock(e->mutex);
   if (!e->failed && e->eager_runs > 0) {
     try {

@@ -15,7 +15,8 @@
 // cache; resode::clear_graph_cache() empties it, resode::graph_cache_stats() counts its work.
 // The key is the op, every scalar argument, and per tensor argument its sizes, strides, dtype
 // and device, plus the data pointer of the parameters and running statistics: the graph reads
-// them in place, so in-place updates (optimizer steps) are seen by the next replay. The
+// them in place, so in-place updates (optimizer steps) are seen by the next replay; and the
+// global numerics settings a capture bakes in (TF32, cuBLAS reductions, cuDNN flags). The
 // per-call tensors (x, grad, out, x0, y) are copied into the entry's static input buffers.
 // A new key runs eagerly (warm-up: cuBLAS workspaces, cuDNN algorithm choice); the second call
 // captures (on a side stream) and replays; later calls replay. Outputs are cloned after the
