@@ -146,8 +146,8 @@ Tensor backward_stored(Block& blk, const Tensor& grad, const Store& store, int64
 // Exact backward from the stage input x0 (the fallback of backward="auto"): a forward without
 // stored contexts keeps the state at the start of every segment of L = ceil(sqrt(steps)) steps;
 // then, from the last segment to the first, the segment's forward is run again storing its
-// contexts and its exact backward is taken. Running statistics are not updated. Extra memory:
-// ceil(steps / L) states and the contexts of one segment.
+// contexts (in one store, reused) and its exact backward is taken. Running statistics are not
+// updated. Extra memory: ceil(steps / L) states and the contexts of one segment.
 template <class Block>
 Tensor backward_from_input(Block& blk, const Tensor& grad, const Tensor& x0, int64_t scheme,
                            double h, int64_t depth) {
@@ -160,9 +160,10 @@ Tensor backward_from_input(Block& blk, const Tensor& grad, const Tensor& x0, int
   }
   blk.prepare_backward(grad);
   Tensor g = grad.clone();
+  // one store, for the longest segment (the first), reused by every segment
+  const Store store = blk.make_store(x0, every * evals);
   for (int64_t s = static_cast<int64_t>(starts.size()) - 1; s >= 0; --s) {
     const int64_t first = s * every, last = std::min(first + every, steps);
-    const Store store = blk.make_store(x0, (last - first) * evals);
     forward_steps(blk, starts[s], scheme, h, first, last, &store, false);
     backward_steps(blk, g, store, scheme, h, first, last);
     starts.pop_back();
@@ -334,64 +335,104 @@ inline Tensor relative_to(const Tensor& num, const Tensor& b) {
   return num / norm_acc(b).clamp_min(tiny);
 }
 
-// The backward op of either block. Modes (table.h): the exact backward from the stored
-// contexts ("autograd"); the reconstruction adjoint from the output ("adjoint",
-// "adjoint_stored"); "auto": the adjoint, whose gradients are replaced by exact ones computed
-// from the stored input x0 (backward_from_input) when drift > tol or is nan. Returns the input
-// gradient followed by the parameter gradients (Block::grads, op order), and the report
-// [drift, max_step_error, fell_back] ((3,), acc dtype, on the device): drift =
-// ||x^_0 - x0|| / ||x0||, max_step_error = max_n ||Phi_n(x^_n) - x^_{n+1}|| / ||out||, both 0
-// for the exact mode. Only "auto" synchronises with the device (to read the drift).
-template <class Block>
-std::tuple<std::vector<Tensor>, Tensor> run_backward(Block& blk, const Tensor& grad,
-                                                     const Tensor& out_, const Tensor& x0_,
-                                                     at::TensorList saved, int64_t scheme,
-                                                     double h, int64_t depth, int64_t mode,
-                                                     int64_t refine, double tol) {
-  const char* op = Block::kName;
+// The checks of a backward op's scalar arguments; returns the mode's table entry.
+inline const ModeInfo& check_backward_args(const char* op, int64_t mode, int64_t refine,
+                                           double tol) {
   const ModeInfo* info = find_id(kModes, mode);
   TORCH_CHECK_VALUE(info != nullptr, "resode::", op, "_backward: unknown backward mode ", mode,
                     " (see resode::table())");
   TORCH_CHECK_VALUE(refine >= 0, "resode::", op, "_backward: refine must be >= 0, got ", refine);
   TORCH_CHECK_VALUE(tol > 0 && std::isfinite(tol), "resode::", op,
                     "_backward: tol must be a positive finite number, got ", tol);
+  return *info;
+}
+
+// The device part of the reconstruction-adjoint backward (modes "adjoint", "adjoint_stored",
+// "auto"): the adjoint pass and its report tensors, with no host synchronisation (graphs.h
+// captures it in a CUDA graph). Returns {dL/dx0, parameter gradients (Block::grads)..., drift,
+// max_step_error}: drift = ||x^_0 - x0|| / ||x0||, max_step_error = max_n ||Phi_n(x^_n) -
+// x^_{n+1}|| / ||out|| (0-dim, acc dtype, on the device).
+template <class Block>
+std::vector<Tensor> adjoint_part(Block& blk, const Tensor& grad, const Tensor& out_,
+                                 const Tensor& x0_, const Store* states, int64_t scheme, double h,
+                                 int64_t depth, int64_t refine) {
+  for (const auto& [name, t] :
+       {std::pair<const char*, const Tensor*>{"output", &out_}, {"input", &x0_}}) {
+    TORCH_CHECK_VALUE(t->sizes() == grad.sizes() && t->scalar_type() == grad.scalar_type() &&
+                          t->device() == grad.device(),
+                      "resode::", Block::kName, "_backward: the stage ", name, " is a ",
+                      t->sizes(), " ", t->scalar_type(), " tensor on ", t->device(),
+                      " but the gradient is ", grad.sizes(), " ", grad.scalar_type(), " on ",
+                      grad.device());
+  }
+  const Tensor out = out_.contiguous(), x0 = x0_.contiguous();
+  Reconstruction rec = backward_adjoint(blk, grad, out, scheme, h, depth, refine, states);
+  std::vector<Tensor> result{rec.gx};
+  for (Tensor& t : blk.grads()) result.push_back(std::move(t));
+  result.push_back(relative_to(norm_acc(rec.x0_hat - x0), x0));
+  result.push_back(relative_to(rec.sq_step_error.sqrt().squeeze(0), out));
+  return result;
+}
+
+// The exact gradients from the stage input (auto's fallback): {dL/dx0, parameter gradients...}.
+template <class Block>
+std::vector<Tensor> exact_from_input(Block& blk, const Tensor& grad, const Tensor& x0,
+                                     int64_t scheme, double h, int64_t depth) {
+  std::vector<Tensor> result{backward_from_input(blk, grad, x0.contiguous(), scheme, h, depth)};
+  for (Tensor& t : blk.grads()) result.push_back(std::move(t));
+  return result;
+}
+
+// The host part of the adjoint backward, after adjoint_part: "auto"'s drift check (the one
+// synchronisation with the device) and its exact fallback (exact(): exact_from_input), then the
+// report [drift, max_step_error, fell_back] ((3,), acc dtype, on the device).
+template <class Exact>
+std::tuple<std::vector<Tensor>, Tensor> finish_adjoint(std::vector<Tensor> part, bool falls_back,
+                                                       double tol, Exact&& exact) {
+  const Tensor step_error = part.back();
+  part.pop_back();
+  const Tensor drift = part.back();
+  part.pop_back();
+  bool fell_back = false;
+  if (falls_back && !(drift.item<double>() <= tol)) {  // nan falls back too
+    part.clear();  // the discarded pass's gradients
+    part = exact();
+    fell_back = true;
+  }
+  Tensor report =
+      at::stack({drift, step_error, at::scalar_tensor(fell_back ? 1.0 : 0.0, drift.options())});
+  return {std::move(part), report};
+}
+
+// The backward op of either block. Modes (table.h): the exact backward from the stored
+// contexts ("autograd"); the reconstruction adjoint from the output ("adjoint",
+// "adjoint_stored"); "auto": the adjoint, whose gradients are replaced by exact ones computed
+// from the stored input x0 (backward_from_input) when drift > tol or is nan. Returns the input
+// gradient followed by the parameter gradients (Block::grads, op order), and the report
+// [drift, max_step_error, fell_back] ((3,), acc dtype, on the device; both 0 for the exact
+// mode). Only "auto" synchronises with the device (to read the drift).
+template <class Block>
+std::tuple<std::vector<Tensor>, Tensor> run_backward(Block& blk, const Tensor& grad,
+                                                     const Tensor& out, const Tensor& x0,
+                                                     at::TensorList saved, int64_t scheme,
+                                                     double h, int64_t depth, int64_t mode,
+                                                     int64_t refine, double tol) {
+  const ModeInfo& info = check_backward_args(Block::kName, mode, refine, tol);
   Store store;
-  if (info->stores_contexts) {
+  if (info.stores_contexts) {
     const std::vector<Tensor> given = saved.vec();
     store = blk.make_store(grad, num_evals(scheme, depth), &given);
   }
-  const auto acc = grad.options().dtype(acc_dtype(grad.scalar_type()));
-  Tensor gx, report;
-  if (!info->needs_output) {
-    gx = backward_stored(blk, grad, store, scheme, h, depth);
-    report = at::zeros({3}, acc);
-  } else {
-    for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"output", &out_},
-                                  {"input", &x0_}}) {
-      TORCH_CHECK_VALUE(t->sizes() == grad.sizes() && t->scalar_type() == grad.scalar_type() &&
-                            t->device() == grad.device(),
-                        "resode::", op, "_backward: the stage ", name, " is a ", t->sizes(), " ",
-                        t->scalar_type(), " tensor on ", t->device(), " but the gradient is ",
-                        grad.sizes(), " ", grad.scalar_type(), " on ", grad.device());
-    }
-    const Tensor out = out_.contiguous(), x0 = x0_.contiguous();
-    Reconstruction rec = backward_adjoint(blk, grad, out, scheme, h, depth, refine,
-                                          info->stores_contexts ? &store : nullptr);
-    const Tensor drift = relative_to(norm_acc(rec.x0_hat - x0), x0);
-    const Tensor step_error = relative_to(rec.sq_step_error.sqrt().squeeze(0), out);
-    bool fell_back = false;
-    if (info->falls_back && !(drift.item<double>() <= tol)) {  // nan falls back too
-      rec = Reconstruction();  // the discarded pass's buffers
-      gx = backward_from_input(blk, grad, x0, scheme, h, depth);
-      fell_back = true;
-    } else {
-      gx = rec.gx;
-    }
-    report = at::stack({drift, step_error, at::scalar_tensor(fell_back ? 1.0 : 0.0, acc)});
+  if (!info.needs_output) {
+    std::vector<Tensor> result{backward_stored(blk, grad, store, scheme, h, depth)};
+    for (Tensor& t : blk.grads()) result.push_back(std::move(t));
+    return {result, at::zeros({3}, grad.options().dtype(acc_dtype(grad.scalar_type())))};
   }
-  std::vector<Tensor> result{gx};
-  for (Tensor& t : blk.grads()) result.push_back(std::move(t));
-  return {result, report};
+  const Store* states = info.stores_contexts ? &store : nullptr;
+  std::vector<Tensor> part =
+      adjoint_part(blk, grad, out, x0, states, scheme, h, depth, refine);
+  return finish_adjoint(std::move(part), info.falls_back, tol,
+                        [&] { return exact_from_input(blk, grad, x0, scheme, h, depth); });
 }
 
 }  // namespace resode

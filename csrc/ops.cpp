@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "blocks.h"
+#include "graphs.h"
 #include "loops.h"
 #include "table.h"
 
@@ -70,6 +71,13 @@ std::tuple<Tensor, std::vector<Tensor>> mlp_forward(const Tensor& x_, const Tens
                                                     int64_t scheme, double h, int64_t depth,
                                                     int64_t mode, bool save) {
   OpScope scope("mlp_forward", x_, scheme, h, depth);
+  if (graphs::wanted(x_) && !(save && stores_contexts("mlp_forward", mode))) {
+    graphs::Key key("mlp_forward");
+    key.input(x_).param(w1).param(b1).param(w2).param(b2).values(act, scheme, h, depth, mode, save);
+    return graphs::run<std::tuple<Tensor, std::vector<Tensor>>>(key, {x_}, [&](const auto& in) {
+      return mlp_forward(in[0], w1, b1, w2, b2, act, scheme, h, depth, mode, save);
+    });
+  }
   const Tensor x = x_.contiguous();
   MLPBlock blk(x, w1, b1, w2, b2, act, depth);
   save = stores_contexts("mlp_forward", mode) && save;
@@ -81,6 +89,13 @@ std::tuple<std::vector<Tensor>, Tensor> mlp_backward(
     const Tensor& w1, const OptTensor& b1, const Tensor& w2, const OptTensor& b2, int64_t act,
     int64_t scheme, double h, int64_t depth, int64_t mode, int64_t refine, double tol) {
   OpScope scope("mlp_backward", grad_, scheme, h, depth);
+  if (graphs::wanted(grad_) && graphs::graphable_backward(mode)) {
+    graphs::Key key("mlp_backward");
+    key.input(grad_).input(out).input(x0).param(w1).param(b1).param(w2).param(b2);
+    key.values(act, scheme, h, depth, mode, refine, tol);
+    auto make = [&](const Tensor& g) { return MLPBlock(g, w1, b1, w2, b2, act, depth); };
+    return graphs::backward(key, make, grad_, out, x0, scheme, h, depth, mode, refine, tol);
+  }
   const Tensor grad = grad_.contiguous();
   MLPBlock blk(grad, w1, b1, w2, b2, act, depth);
   return run_backward(blk, grad, out, x0, saved, scheme, h, depth, mode, refine, tol);
@@ -91,6 +106,13 @@ Tensor mlp_reverse(const Tensor& y_, const Tensor& w1, const OptTensor& b1, cons
                    int64_t refine) {
   OpScope scope("mlp_reverse", y_, scheme, h, depth);
   check_refine("mlp_reverse", refine);
+  if (graphs::wanted(y_)) {
+    graphs::Key key("mlp_reverse");
+    key.input(y_).param(w1).param(b1).param(w2).param(b2).values(act, scheme, h, depth, refine);
+    return graphs::run<Tensor>(key, {y_}, [&](const auto& in) {
+      return mlp_reverse(in[0], w1, b1, w2, b2, act, scheme, h, depth, refine);
+    });
+  }
   const Tensor y = y_.contiguous();
   MLPBlock blk(y, w1, b1, w2, b2, act, depth);
   return reverse_loop(blk, y, scheme, h, depth, refine);
@@ -98,6 +120,21 @@ Tensor mlp_reverse(const Tensor& y_, const Tensor& w1, const OptTensor& b1, cons
 
 // ---------------------------------------------------------------------------------------------
 // Conv stage
+
+// The update counts per parameter slot as a long tensor on `device`, filled run by run on the
+// device (no host-to-device copy: capturable in a CUDA graph, no synchronisation).
+Tensor counts_tensor(const std::vector<int64_t>& counts, const c10::Device& device) {
+  const int64_t n = static_cast<int64_t>(counts.size());
+  Tensor t = at::empty({n}, at::TensorOptions().dtype(at::kLong).device(device));
+  for (int64_t i = 0; i < n;) {
+    int64_t j = i + 1;
+    while (j < n && counts[j] == counts[i]) ++j;
+    t.slice(0, i, j).fill_(counts[i]);
+    i = j;
+  }
+  return t;
+}
+
 // The schema is functional (torch.compile can trace it): the running statistics are not
 // updated in place; in training mode (update_stats) their updated values come back as new
 // tensors, which the caller stores (resode/_ops.py), with the number of updates per block
@@ -107,6 +144,16 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, Tensor> conv_forwar
     int64_t depth, bool training, bool update_stats, double momentum, double eps, int64_t mode,
     bool save) {
   OpScope scope("conv_forward", x_, scheme, h, depth);
+  if (graphs::wanted(x_) && !(save && stores_contexts("conv_forward", mode))) {
+    graphs::Key key("conv_forward");
+    key.input(x_).params(params).params(running);
+    key.values(scheme, h, depth, training, update_stats, momentum, eps, mode, save);
+    using Out = std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, Tensor>;
+    return graphs::run<Out>(key, {x_}, [&](const auto& in) {
+      return conv_forward(in[0], params, running, scheme, h, depth, training, update_stats,
+                          momentum, eps, mode, save);
+    });
+  }
   const Tensor x = x_.contiguous();
   const bool update = update_stats && training;
   std::vector<Tensor> new_running;
@@ -117,8 +164,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, Tensor> conv_forwar
                 eps, depth);
   save = stores_contexts("conv_forward", mode) && save;
   auto [y, store] = forward_loop(blk, x, scheme, h, depth, save, update);
-  Tensor counts = at::tensor(blk.counts, at::TensorOptions().dtype(at::kLong)).to(x.device());
-  return {y, store, new_running, counts};
+  return {y, store, new_running, counts_tensor(blk.counts, x.device())};
 }
 
 // `training`: batch statistics in the backward's recomputations (the forward's rule), or the
@@ -128,6 +174,15 @@ std::tuple<std::vector<Tensor>, Tensor> conv_backward(
     at::TensorList params, at::TensorList running, int64_t scheme, double h, int64_t depth,
     bool training, double eps, int64_t mode, int64_t refine, double tol) {
   OpScope scope("conv_backward", grad_, scheme, h, depth);
+  if (graphs::wanted(grad_) && graphs::graphable_backward(mode)) {
+    graphs::Key key("conv_backward");
+    key.input(grad_).input(out).input(x0).params(params).params(running);
+    key.values(scheme, h, depth, training, eps, mode, refine, tol);
+    auto make = [&](const Tensor& g) {
+      return ConvBlock(g, params, running, training, 0.0, eps, depth);
+    };
+    return graphs::backward(key, make, grad_, out, x0, scheme, h, depth, mode, refine, tol);
+  }
   const Tensor grad = grad_.contiguous();
   ConvBlock blk(grad, params, running, training, 0.0, eps, depth);
   return run_backward(blk, grad, out, x0, saved, scheme, h, depth, mode, refine, tol);
@@ -138,6 +193,13 @@ Tensor conv_reverse(const Tensor& y_, at::TensorList params, at::TensorList runn
                     int64_t refine) {
   OpScope scope("conv_reverse", y_, scheme, h, depth);
   check_refine("conv_reverse", refine);
+  if (graphs::wanted(y_)) {
+    graphs::Key key("conv_reverse");
+    key.input(y_).params(params).params(running).values(scheme, h, depth, training, eps, refine);
+    return graphs::run<Tensor>(key, {y_}, [&](const auto& in) {
+      return conv_reverse(in[0], params, running, scheme, h, depth, training, eps, refine);
+    });
+  }
   const Tensor y = y_.contiguous();
   ConvBlock blk(y, params, running, training, 0.0, eps, depth);
   return reverse_loop(blk, y, scheme, h, depth, refine);

@@ -24,7 +24,7 @@ from pathlib import Path
 
 #: the C++ sources, relative to the repository root
 CSRC = "csrc"
-CPU_SOURCES = ("ops.cpp", "blocks.cpp", "kernels.cpp", "kernels_cpu.cpp")
+CPU_SOURCES = ("ops.cpp", "blocks.cpp", "graphs.cpp", "kernels.cpp", "kernels_cpu.cpp")
 CUDA_SOURCES = ("kernels_cuda.cu",)
 #: ``omp simd`` pragmas only: -fopenmp-simd needs no OpenMP runtime (torch brings its own)
 CXX_FLAGS = ("-O3", "-fopenmp-simd")

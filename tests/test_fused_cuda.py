@@ -306,3 +306,93 @@ def test_torch_compile_cuda(backward):
         for (name, b), c in zip(compiled.named_buffers(), eager.buffers()):
             same = _rel(b, c) < 1e-5 if b.is_floating_point() else torch.equal(b, c)
             assert same, name
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA graphs (csrc/graphs.h): the graphable calls (forward without stored contexts, the adjoint
+# part of backward "adjoint" / "auto", reverse) are run eagerly for a new key, then captured and
+# replayed. Graphs on and off (RESODE_CUDA_GRAPHS=0) run the same kernels, so they agree to
+# 1e-5 relative (float32; plus 1e-6 x the largest gradient norm for the conv biases in front of
+# a training-mode BatchNorm, whose exact gradient is zero, and for cuDNN's weight-gradient
+# algorithms, which may sum in a different order from run to run).
+
+GRAPH_BATCHES = (0, 0, 0, 1, 0)  # eager, capture + replay, replay, a new key (eager), replay
+
+
+def _graph_stats():
+    return list(_ops.library().graph_cache_stats())
+
+
+def _graph_run(kind, scheme, backward, graphs, monkeypatch):
+    """Five train steps (batches GRAPH_BATCHES) with an in-place SGD update after each, then a
+    reverse pass; returns every output, input gradient, parameter gradient and BN buffer."""
+    monkeypatch.setenv("RESODE_CUDA_GRAPHS", "1" if graphs else "0")
+    lib = _ops.library()
+    lib.clear_graph_cache()
+    torch.manual_seed(0)
+    if kind == "mlp":
+        f = fused.MLPStack(256, 32, 8, activation="tanh", scheme=scheme, backward=backward)
+        shapes = ((64, 256), (48, 256))
+    else:
+        f = fused.ConvStack(4, 4, scheme=scheme, backward=backward, zero_init_last_bn=False)
+        shapes = ((8, 4, 8, 8), (6, 4, 8, 8))
+    f = f.cuda()
+    record = []
+    for b in GRAPH_BATCHES:
+        x = torch.randn(*shapes[b], device="cuda")
+        w = torch.randn(*shapes[b], device="cuda")
+        y, gx = _step(f, x, w)
+        record += [("y", y), ("gx", gx)]
+        record += [(f"grad {n}", p.grad.clone()) for n, p in f.named_parameters()]
+        record += [(f"buffer {n}", t.clone()) for n, t in f.named_buffers()]
+        record.append(("drift", f.last_backward.drift_tensor.clone()))
+        with torch.no_grad():  # in place: the replay must read the new weights
+            for p in f.parameters():
+                p.sub_(0.1 * p.grad)
+    for _ in range(3):
+        record.append(("reverse", f.reverse(torch.randn(*shapes[0], device="cuda"))))
+    return record, _graph_stats()
+
+
+@pytest.mark.parametrize("kind", ("mlp", "conv"))
+@pytest.mark.parametrize("backward", ("adjoint", "auto"))
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_cuda_graphs_match_eager(kind, scheme, backward, monkeypatch):
+    """Graph replay = eager: outputs, input and parameter gradients, BN running statistics and
+    num_batches_tracked, drift, reverse; across in-place parameter updates and a batch-size
+    change (a new key), with the cache's counts checked (so the replay really ran)."""
+    eager, off_stats = _graph_run(kind, scheme, backward, False, monkeypatch)
+    graphed, on_stats = _graph_run(kind, scheme, backward, True, monkeypatch)
+    assert off_stats == [0, 0, 0, 0]
+    # keys: forward and backward at two batch sizes, reverse; captures: forward, backward (at
+    # the first batch size) and reverse; replays: forward and backward at steps 2, 3, 5, and
+    # reverse twice
+    assert on_stats == [5, 3, 8, 0]
+    scale = max(float(t.norm()) for name, t in eager if name.startswith("grad"))
+    assert [n for n, _ in graphed] == [n for n, _ in eager]
+    for (name, a), (_, b) in zip(graphed, eager):
+        if not b.is_floating_point():
+            assert torch.equal(a, b), name
+            continue
+        err = float((a.double() - b.double()).norm())
+        floor = 1e-6 * scale if name.startswith("grad") else 1e-7
+        assert err <= 1e-5 * float(b.double().norm()) + floor, (name, err)
+
+
+def test_cuda_graphs_key_tracks_parameters(monkeypatch):
+    """A parameter replaced by a new tensor (a new data pointer) is a new key: the stale graph
+    is not replayed."""
+    monkeypatch.setenv("RESODE_CUDA_GRAPHS", "1")
+    lib = _ops.library()
+    lib.clear_graph_cache()
+    f = fused.MLPStack(256, 32, 4, scheme="euler", backward="adjoint").cuda()
+    x = torch.randn(16, 256, device="cuda")
+    with torch.no_grad():
+        for _ in range(3):
+            f(x)
+        old = f(x)
+        f.w2 = torch.nn.Parameter(f.w2.detach() * 2.0)  # not in place
+        new = f(x)
+        ref = f.to_generic()(x)
+    assert _rel(new, ref) < 1e-4 and _rel(new, old) > 1e-3
+    assert _graph_stats()[0] == 2
