@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -256,9 +257,16 @@ Tensor reverse_loop(Block& blk, const Tensor& y, int64_t scheme, double h, int64
 
 // What one reconstruction adjoint pass returns: dL/dx_0, the rebuilt input x^_0 and the running
 // maximum of the squared per-step inconsistencies ||Phi_n(x^_n) - x^_{n+1}||^2 ((1,), acc dtype).
+// A pass that computes the parameter gradients itself (the persistent CUDA kernel of narrow MLP
+// stages, mlp_persistent.h) returns them in `grads` (Block::grads() order); else it is empty.
 struct Reconstruction {
   Tensor gx, x0_hat, sq_step_error;
+  std::vector<Tensor> grads;
 };
+
+// Replaces backward_adjoint (without stored states) when set: (grad, out) -> the pass's result,
+// parameter gradients included.
+using AdjointPass = std::function<Reconstruction(const Tensor& grad, const Tensor& out)>;
 
 // Reconstruction adjoint: rebuild the states backwards in depth from the output (rebuild_*),
 // recompute each step at the rebuilt state, measure its consistency with the state it should
@@ -341,13 +349,16 @@ inline Tensor relative_to(const Tensor& num, const Tensor& b) {
 // gradient followed by the parameter gradients (Block::grads, op order), and the report
 // [drift, max_step_error, fell_back] ((3,), acc dtype, on the device): drift =
 // ||x^_0 - x0|| / ||x0||, max_step_error = max_n ||Phi_n(x^_n) - x^_{n+1}|| / ||out||, both 0
-// for the exact mode. Only "auto" synchronises with the device (to read the drift).
+// for the exact mode. Only "auto" synchronises with the device (to read the drift). `pass`, when
+// set, replaces backward_adjoint in the modes that rebuild the states from the output alone
+// ("adjoint", "auto"; not "adjoint_stored").
 template <class Block>
 std::tuple<std::vector<Tensor>, Tensor> run_backward(Block& blk, const Tensor& grad,
                                                      const Tensor& out_, const Tensor& x0_,
                                                      at::TensorList saved, int64_t scheme,
                                                      double h, int64_t depth, int64_t mode,
-                                                     int64_t refine, double tol) {
+                                                     int64_t refine, double tol,
+                                                     const AdjointPass& pass = nullptr) {
   const char* op = Block::kName;
   const ModeInfo* info = find_id(kModes, mode);
   TORCH_CHECK_VALUE(info != nullptr, "resode::", op, "_backward: unknown backward mode ", mode,
@@ -362,6 +373,7 @@ std::tuple<std::vector<Tensor>, Tensor> run_backward(Block& blk, const Tensor& g
   }
   const auto acc = grad.options().dtype(acc_dtype(grad.scalar_type()));
   Tensor gx, report;
+  std::vector<Tensor> grads;  // empty: blk.grads()
   if (!info->needs_output) {
     gx = backward_stored(blk, grad, store, scheme, h, depth);
     report = at::zeros({3}, acc);
@@ -375,8 +387,10 @@ std::tuple<std::vector<Tensor>, Tensor> run_backward(Block& blk, const Tensor& g
                         grad.sizes(), " ", grad.scalar_type(), " on ", grad.device());
     }
     const Tensor out = out_.contiguous(), x0 = x0_.contiguous();
-    Reconstruction rec = backward_adjoint(blk, grad, out, scheme, h, depth, refine,
-                                          info->stores_contexts ? &store : nullptr);
+    Reconstruction rec = (pass && !info->stores_contexts)
+                             ? pass(grad, out)
+                             : backward_adjoint(blk, grad, out, scheme, h, depth, refine,
+                                                info->stores_contexts ? &store : nullptr);
     const Tensor drift = relative_to(norm_acc(rec.x0_hat - x0), x0);
     const Tensor step_error = relative_to(rec.sq_step_error.sqrt().squeeze(0), out);
     bool fell_back = false;
@@ -386,11 +400,13 @@ std::tuple<std::vector<Tensor>, Tensor> run_backward(Block& blk, const Tensor& g
       fell_back = true;
     } else {
       gx = rec.gx;
+      grads = std::move(rec.grads);
     }
     report = at::stack({drift, step_error, at::scalar_tensor(fell_back ? 1.0 : 0.0, acc)});
   }
+  if (grads.empty()) grads = blk.grads();
   std::vector<Tensor> result{gx};
-  for (Tensor& t : blk.grads()) result.push_back(std::move(t));
+  for (Tensor& t : grads) result.push_back(std::move(t));
   return {result, report};
 }
 

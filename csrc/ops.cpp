@@ -19,6 +19,9 @@
 #include "blocks.h"
 #include "loops.h"
 #include "table.h"
+#ifdef WITH_CUDA
+#include "mlp_persistent.h"
+#endif
 
 namespace resode {
 namespace {
@@ -73,6 +76,11 @@ std::tuple<Tensor, std::vector<Tensor>> mlp_forward(const Tensor& x_, const Tens
   const Tensor x = x_.contiguous();
   MLPBlock blk(x, w1, b1, w2, b2, act, depth);
   save = stores_contexts("mlp_forward", mode) && save;
+#ifdef WITH_CUDA
+  if (!save && persistent_mlp_applies(x, blk.w1, blk.w2, act, scheme, PersistentPass::forward)) {
+    return {persistent_mlp_forward(x, blk.w1, blk.b1, blk.w2, blk.b2, act, scheme, h, depth), {}};
+  }
+#endif
   return forward_loop(blk, x, scheme, h, depth, save, /*update_stats=*/false);
 }
 
@@ -83,7 +91,17 @@ std::tuple<std::vector<Tensor>, Tensor> mlp_backward(
   OpScope scope("mlp_backward", grad_, scheme, h, depth);
   const Tensor grad = grad_.contiguous();
   MLPBlock blk(grad, w1, b1, w2, b2, act, depth);
-  return run_backward(blk, grad, out, x0, saved, scheme, h, depth, mode, refine, tol);
+  AdjointPass pass;
+#ifdef WITH_CUDA
+  if (persistent_mlp_applies(grad, blk.w1, blk.w2, act, scheme, PersistentPass::adjoint)) {
+    pass = [&](const Tensor& g, const Tensor& y) {
+      PersistentAdjoint r = persistent_mlp_adjoint(g, y, blk.w1, blk.b1, blk.w2, blk.b2, act,
+                                                   scheme, h, depth, refine);
+      return Reconstruction{r.gx, r.x0_hat, r.sq_step_error, std::move(r.grads)};
+    };
+  }
+#endif
+  return run_backward(blk, grad, out, x0, saved, scheme, h, depth, mode, refine, tol, pass);
 }
 
 Tensor mlp_reverse(const Tensor& y_, const Tensor& w1, const OptTensor& b1, const Tensor& w2,
@@ -93,6 +111,12 @@ Tensor mlp_reverse(const Tensor& y_, const Tensor& w1, const OptTensor& b1, cons
   check_refine("mlp_reverse", refine);
   const Tensor y = y_.contiguous();
   MLPBlock blk(y, w1, b1, w2, b2, act, depth);
+#ifdef WITH_CUDA
+  if (persistent_mlp_applies(y, blk.w1, blk.w2, act, scheme, PersistentPass::reverse)) {
+    return persistent_mlp_reverse(y, blk.w1, blk.b1, blk.w2, blk.b2, act, scheme, h, depth,
+                                  refine);
+  }
+#endif
   return reverse_loop(blk, y, scheme, h, depth, refine);
 }
 
