@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -257,9 +258,16 @@ Tensor reverse_loop(Block& blk, const Tensor& y, int64_t scheme, double h, int64
 
 // What one reconstruction adjoint pass returns: dL/dx_0, the rebuilt input x^_0 and the running
 // maximum of the squared per-step inconsistencies ||Phi_n(x^_n) - x^_{n+1}||^2 ((1,), acc dtype).
+// A pass that computes the parameter gradients itself (the persistent CUDA kernel of narrow MLP
+// stages, mlp_persistent.h) returns them in `grads` (Block::grads() order); else it is empty.
 struct Reconstruction {
   Tensor gx, x0_hat, sq_step_error;
+  std::vector<Tensor> grads;
 };
+
+// Replaces backward_adjoint (without stored states) when set: (grad, out) -> the pass's result,
+// parameter gradients included.
+using AdjointPass = std::function<Reconstruction(const Tensor& grad, const Tensor& out)>;
 
 // Reconstruction adjoint: rebuild the states backwards in depth from the output (rebuild_*),
 // recompute each step at the rebuilt state, measure its consistency with the state it should
@@ -351,11 +359,13 @@ inline const ModeInfo& check_backward_args(const char* op, int64_t mode, int64_t
 // "auto"): the adjoint pass and its report tensors, with no host synchronisation (graphs.h
 // captures it in a CUDA graph). Returns {dL/dx0, parameter gradients (Block::grads)..., drift,
 // max_step_error}: drift = ||x^_0 - x0|| / ||x0||, max_step_error = max_n ||Phi_n(x^_n) -
-// x^_{n+1}|| / ||out|| (0-dim, acc dtype, on the device).
+// x^_{n+1}|| / ||out|| (0-dim, acc dtype, on the device). `pass`, when set, replaces
+// backward_adjoint without stored states ("adjoint", "auto"; not "adjoint_stored").
 template <class Block>
 std::vector<Tensor> adjoint_part(Block& blk, const Tensor& grad, const Tensor& out_,
                                  const Tensor& x0_, const Store* states, int64_t scheme, double h,
-                                 int64_t depth, int64_t refine) {
+                                 int64_t depth, int64_t refine,
+                                 const AdjointPass& pass = nullptr) {
   for (const auto& [name, t] :
        {std::pair<const char*, const Tensor*>{"output", &out_}, {"input", &x0_}}) {
     TORCH_CHECK_VALUE(t->sizes() == grad.sizes() && t->scalar_type() == grad.scalar_type() &&
@@ -366,9 +376,11 @@ std::vector<Tensor> adjoint_part(Block& blk, const Tensor& grad, const Tensor& o
                       grad.device());
   }
   const Tensor out = out_.contiguous(), x0 = x0_.contiguous();
-  Reconstruction rec = backward_adjoint(blk, grad, out, scheme, h, depth, refine, states);
+  Reconstruction rec = (pass && states == nullptr)
+                           ? pass(grad, out)
+                           : backward_adjoint(blk, grad, out, scheme, h, depth, refine, states);
   std::vector<Tensor> result{rec.gx};
-  for (Tensor& t : blk.grads()) result.push_back(std::move(t));
+  for (Tensor& t : rec.grads.empty() ? blk.grads() : rec.grads) result.push_back(std::move(t));
   result.push_back(relative_to(norm_acc(rec.x0_hat - x0), x0));
   result.push_back(relative_to(rec.sq_step_error.sqrt().squeeze(0), out));
   return result;
@@ -410,13 +422,14 @@ std::tuple<std::vector<Tensor>, Tensor> finish_adjoint(std::vector<Tensor> part,
 // from the stored input x0 (backward_from_input) when drift > tol or is nan. Returns the input
 // gradient followed by the parameter gradients (Block::grads, op order), and the report
 // [drift, max_step_error, fell_back] ((3,), acc dtype, on the device; both 0 for the exact
-// mode). Only "auto" synchronises with the device (to read the drift).
+// mode). Only "auto" synchronises with the device (to read the drift). `pass`: adjoint_part.
 template <class Block>
 std::tuple<std::vector<Tensor>, Tensor> run_backward(Block& blk, const Tensor& grad,
                                                      const Tensor& out, const Tensor& x0,
                                                      at::TensorList saved, int64_t scheme,
                                                      double h, int64_t depth, int64_t mode,
-                                                     int64_t refine, double tol) {
+                                                     int64_t refine, double tol,
+                                                     const AdjointPass& pass = nullptr) {
   const ModeInfo& info = check_backward_args(Block::kName, mode, refine, tol);
   Store store;
   if (info.stores_contexts) {
@@ -430,7 +443,7 @@ std::tuple<std::vector<Tensor>, Tensor> run_backward(Block& blk, const Tensor& g
   }
   const Store* states = info.stores_contexts ? &store : nullptr;
   std::vector<Tensor> part =
-      adjoint_part(blk, grad, out, x0, states, scheme, h, depth, refine);
+      adjoint_part(blk, grad, out, x0, states, scheme, h, depth, refine, pass);
   return finish_adjoint(std::move(part), info.falls_back, tol,
                         [&] { return exact_from_input(blk, grad, x0, scheme, h, depth); });
 }

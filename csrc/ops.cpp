@@ -20,6 +20,9 @@
 #include "graphs.h"
 #include "loops.h"
 #include "table.h"
+#ifdef WITH_CUDA
+#include "mlp_persistent.h"
+#endif
 
 namespace resode {
 namespace {
@@ -71,16 +74,21 @@ std::tuple<Tensor, std::vector<Tensor>> mlp_forward(const Tensor& x_, const Tens
                                                     int64_t scheme, double h, int64_t depth,
                                                     int64_t mode, bool save) {
   OpScope scope("mlp_forward", x_, scheme, h, depth);
-  if (graphs::wanted(x_) && !(save && stores_contexts("mlp_forward", mode))) {
-    graphs::Key key("mlp_forward");
-    key.input(x_).param(w1).param(b1).param(w2).param(b2).values(act, scheme, h, depth, mode, save);
-    return graphs::run<std::tuple<Tensor, std::vector<Tensor>>>(key, {x_}, [&](const auto& in) {
-      return mlp_forward(in[0], w1, b1, w2, b2, act, scheme, h, depth, mode, save);
-    });
-  }
   const Tensor x = x_.contiguous();
   MLPBlock blk(x, w1, b1, w2, b2, act, depth);
   save = stores_contexts("mlp_forward", mode) && save;
+#ifdef WITH_CUDA  // one launch for the whole loop: no graph needed
+  if (!save && persistent_mlp_applies(x, blk.w1, blk.w2, act, scheme, PersistentPass::forward)) {
+    return {persistent_mlp_forward(x, blk.w1, blk.b1, blk.w2, blk.b2, act, scheme, h, depth), {}};
+  }
+#endif
+  if (!save && graphs::wanted(x)) {
+    graphs::Key key("mlp_forward");
+    key.input(x).param(w1).param(b1).param(w2).param(b2).values(act, scheme, h, depth, mode, save);
+    return graphs::run<std::tuple<Tensor, std::vector<Tensor>>>(key, {x}, [&](const auto& in) {
+      return mlp_forward(in[0], w1, b1, w2, b2, act, scheme, h, depth, mode, save);
+    });
+  }
   return forward_loop(blk, x, scheme, h, depth, save, /*update_stats=*/false);
 }
 
@@ -89,16 +97,26 @@ std::tuple<std::vector<Tensor>, Tensor> mlp_backward(
     const Tensor& w1, const OptTensor& b1, const Tensor& w2, const OptTensor& b2, int64_t act,
     int64_t scheme, double h, int64_t depth, int64_t mode, int64_t refine, double tol) {
   OpScope scope("mlp_backward", grad_, scheme, h, depth);
-  if (graphs::wanted(grad_) && graphs::graphable_backward(mode)) {
-    graphs::Key key("mlp_backward");
-    key.input(grad_).input(out).input(x0).param(w1).param(b1).param(w2).param(b2);
-    key.values(act, scheme, h, depth, mode, refine, tol);
-    auto make = [&](const Tensor& g) { return MLPBlock(g, w1, b1, w2, b2, act, depth); };
-    return graphs::backward(key, make, grad_, out, x0, scheme, h, depth, mode, refine, tol);
-  }
   const Tensor grad = grad_.contiguous();
   MLPBlock blk(grad, w1, b1, w2, b2, act, depth);
-  return run_backward(blk, grad, out, x0, saved, scheme, h, depth, mode, refine, tol);
+  AdjointPass pass;
+#ifdef WITH_CUDA  // one launch for the whole adjoint pass: no graph needed
+  if (persistent_mlp_applies(grad, blk.w1, blk.w2, act, scheme, PersistentPass::adjoint)) {
+    pass = [&](const Tensor& g, const Tensor& y) {
+      PersistentAdjoint r = persistent_mlp_adjoint(g, y, blk.w1, blk.b1, blk.w2, blk.b2, act,
+                                                   scheme, h, depth, refine);
+      return Reconstruction{r.gx, r.x0_hat, r.sq_step_error, std::move(r.grads)};
+    };
+  }
+#endif
+  if (!pass && graphs::wanted(grad) && graphs::graphable_backward(mode)) {
+    graphs::Key key("mlp_backward");
+    key.input(grad).input(out).input(x0).param(w1).param(b1).param(w2).param(b2);
+    key.values(act, scheme, h, depth, mode, refine, tol);
+    auto make = [&](const Tensor& g) { return MLPBlock(g, w1, b1, w2, b2, act, depth); };
+    return graphs::backward(key, make, grad, out, x0, scheme, h, depth, mode, refine, tol);
+  }
+  return run_backward(blk, grad, out, x0, saved, scheme, h, depth, mode, refine, tol, pass);
 }
 
 Tensor mlp_reverse(const Tensor& y_, const Tensor& w1, const OptTensor& b1, const Tensor& w2,
@@ -106,15 +124,21 @@ Tensor mlp_reverse(const Tensor& y_, const Tensor& w1, const OptTensor& b1, cons
                    int64_t refine) {
   OpScope scope("mlp_reverse", y_, scheme, h, depth);
   check_refine("mlp_reverse", refine);
-  if (graphs::wanted(y_)) {
+  const Tensor y = y_.contiguous();
+  MLPBlock blk(y, w1, b1, w2, b2, act, depth);
+#ifdef WITH_CUDA
+  if (persistent_mlp_applies(y, blk.w1, blk.w2, act, scheme, PersistentPass::reverse)) {
+    return persistent_mlp_reverse(y, blk.w1, blk.b1, blk.w2, blk.b2, act, scheme, h, depth,
+                                  refine);
+  }
+#endif
+  if (graphs::wanted(y)) {
     graphs::Key key("mlp_reverse");
-    key.input(y_).param(w1).param(b1).param(w2).param(b2).values(act, scheme, h, depth, refine);
-    return graphs::run<Tensor>(key, {y_}, [&](const auto& in) {
+    key.input(y).param(w1).param(b1).param(w2).param(b2).values(act, scheme, h, depth, refine);
+    return graphs::run<Tensor>(key, {y}, [&](const auto& in) {
       return mlp_reverse(in[0], w1, b1, w2, b2, act, scheme, h, depth, refine);
     });
   }
-  const Tensor y = y_.contiguous();
-  MLPBlock blk(y, w1, b1, w2, b2, act, depth);
   return reverse_loop(blk, y, scheme, h, depth, refine);
 }
 

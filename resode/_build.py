@@ -25,7 +25,7 @@ from pathlib import Path
 #: the C++ sources, relative to the repository root
 CSRC = "csrc"
 CPU_SOURCES = ("ops.cpp", "blocks.cpp", "graphs.cpp", "kernels.cpp", "kernels_cpu.cpp")
-CUDA_SOURCES = ("kernels_cuda.cu",)
+CUDA_SOURCES = ("kernels_cuda.cu", "mlp_persistent.cu")
 #: ``omp simd`` pragmas only: -fopenmp-simd needs no OpenMP runtime (torch brings its own)
 CXX_FLAGS = ("-O3", "-fopenmp-simd")
 NVCC_FLAGS = ("-O3",)

@@ -396,3 +396,194 @@ def test_cuda_graphs_key_tracks_parameters(monkeypatch):
         ref = f.to_generic()(x)
     assert _rel(new, ref) < 1e-4 and _rel(new, old) > 1e-3
     assert _graph_stats()[0] == 2
+
+
+# The persistent kernel of narrow MLP stages (csrc/mlp_persistent.cu): one launch per depth loop
+# for float32 / bfloat16 stages with dim, hidden <= 128. Compared with the generic engine and
+# with the fused cuBLAS path (RESODE_PERSISTENT_MLP=0) on the same GPU, float32 without TF32,
+# with the tolerances of the module docstring.
+
+# (dim, hidden, batch, depth, tied, bias, activation); batch 37 is not a multiple of the tile
+PERSISTENT_CASES = [
+    (128, 128, 64, 3, False, True, "tanh"),
+    (64, 32, 37, 64, True, False, "relu"),
+    (64, 32, 37, 64, False, True, "gelu"),
+    (128, 128, 37, 3, True, False, "gelu"),
+    (32, 64, 128, 16, False, False, "relu"),
+]
+# (backward, tol): the adjoint; auto keeping its adjoint pass; auto falling back
+PERSISTENT_MODES = [("adjoint", 1.0), ("auto", 1e30), ("auto", 1e-30)]
+
+
+def _persistent_run(stage, x, w):
+    """Output, input gradient, parameter gradients and report of one forward and backward."""
+    y, gx = _step(stage, x, w)
+    grads = [p.grad.clone() for p in stage.parameters()]
+    return y, gx, grads, stage.last_backward
+
+
+def _both_paths(monkeypatch, fn):
+    """fn() with the persistent kernel (the default) and with RESODE_PERSISTENT_MLP=0."""
+    monkeypatch.delenv("RESODE_PERSISTENT_MLP", raising=False)
+    fast = fn()
+    monkeypatch.setenv("RESODE_PERSISTENT_MLP", "0")
+    try:
+        slow = fn()
+    finally:
+        monkeypatch.delenv("RESODE_PERSISTENT_MLP", raising=False)
+    return fast, slow
+
+
+def _generic_mlp_grads(f, g):
+    """The generic stage's parameter gradients in the fused stage's layout (P, ...) and order."""
+    where = {"w1": (0, "weight"), "b1": (0, "bias"), "w2": (2, "weight"), "b2": (2, "bias")}
+    out = []
+    for name, _ in f.named_parameters():
+        layer, attr = where[name]
+        out.append(torch.stack([getattr(blk[layer], attr).grad for blk in g.blocks]))
+    return out
+
+
+def _assert_same_step(a, b):
+    (ya, gxa, ga, ra), (yb, gxb, gb, rb) = a, b
+    assert _rel(ya, yb) < 1e-4
+    assert _rel(gxa, gxb) < 2e-3
+    scale = max(float(t.norm()) for t in gb)
+    assert len(ga) == len(gb)
+    for i, (p, q) in enumerate(zip(ga, gb)):
+        assert p.shape == q.shape and p.dtype == q.dtype, i
+        assert float((p - q).norm()) <= 2e-3 * float(q.norm()) + 1e-5 * scale, i
+    assert ra.fell_back == rb.fell_back
+    for k in ("drift", "max_step_error"):
+        va, vb = getattr(ra, k), getattr(rb, k)
+        assert abs(va - vb) <= 1e-3 * abs(vb) + 1e-5, (k, va, vb)
+
+
+@pytest.mark.parametrize("case", PERSISTENT_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("mode,tol", PERSISTENT_MODES)
+@pytest.mark.parametrize("refine", [0, 2])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_persistent_mlp_parity_cuda(monkeypatch, scheme, refine, mode, tol, case):
+    """Forward, reconstruction adjoint (input and parameter gradients) and drift report of the
+    persistent kernel = the cuBLAS path and the generic engine on the same GPU."""
+    dim, hidden, batch, depth, tied, bias, act = case
+    torch.manual_seed(0)
+    f = fused.MLPStack(
+        dim,
+        hidden,
+        depth,
+        activation=act,
+        scheme=scheme,
+        backward=mode,
+        tied=tied,
+        refine=refine,
+        tol=tol,
+        bias=bias,
+    ).cuda()
+    x = torch.randn(batch, dim, device="cuda")
+    w = torch.randn(batch, dim, device="cuda")
+    fast, slow = _both_paths(monkeypatch, lambda: _persistent_run(f, x, w))
+    assert fast[3].fell_back == (tol == 1e-30)
+    _assert_same_step(fast, slow)
+    g = f.to_generic()
+    yg, gxg = _step(g, x, w)
+    _assert_same_step(fast, (yg, gxg, _generic_mlp_grads(f, g), g.last_backward))
+
+
+@pytest.mark.parametrize("refine", [0, 2])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_persistent_mlp_reverse_cuda(monkeypatch, scheme, refine):
+    """The reverse op: the persistent kernel = the cuBLAS path = the generic reverse."""
+    torch.manual_seed(0)
+    for case in PERSISTENT_CASES[:3]:
+        dim, hidden, batch, depth, tied, bias, act = case
+        f = fused.MLPStack(
+            dim, hidden, depth, activation=act, scheme=scheme, tied=tied, bias=bias
+        ).cuda()
+        y = torch.randn(batch, dim, device="cuda")
+        fast, slow = _both_paths(monkeypatch, lambda f=f, y=y: f.reverse(y, refine=refine))
+        assert _rel(fast, slow) < 1e-4, case
+        assert _rel(fast, f.to_generic().reverse(y, refine=refine)) < 1e-4, case
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_persistent_mlp_forward_op_cuda(monkeypatch, scheme):
+    """The forward op without stored contexts (any mode) = the forward that stores them."""
+    torch.manual_seed(0)
+    ops = _ops.library()
+    sid = 0 if scheme == "euler" else 1
+    for case in PERSISTENT_CASES:
+        dim, hidden, batch, depth, tied, bias, act = case
+        f = fused.MLPStack(dim, hidden, depth, activation=act, tied=tied, bias=bias).cuda()
+        x = torch.randn(batch, dim, device="cuda")
+        aid = ("tanh", "relu", "gelu").index(act)
+
+        def run(save, f=f, x=x, aid=aid, depth=depth):
+            with torch.no_grad():
+                y, stored = ops.mlp_forward(
+                    x, f.w1, f.b1, f.w2, f.b2, aid, sid, 1.0 / depth, depth, 0, save
+                )
+            assert bool(stored) == save
+            return y
+
+        fast, slow = _both_paths(monkeypatch, lambda run=run: run(False))
+        assert _rel(fast, slow) < 1e-4 and _rel(fast, run(True)) < 1e-4, case
+
+
+def test_persistent_mlp_dispatch_cuda(monkeypatch):
+    """The persistent kernels run by default and not with RESODE_PERSISTENT_MLP=0 (read at call
+    time), nor for a stage too wide for them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    names = ("persistent_forward_kernel", "persistent_adjoint_kernel", "persistent_reverse_kernel")
+
+    def kernels(f, x):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            _step(f, x, torch.ones_like(x))
+            f.reverse(x)
+            torch.cuda.synchronize()
+        return {e.name for e in prof.events() if any(k in e.name for k in names)}
+
+    f = fused.MLPStack(64, 64, 8, scheme="heun", backward="adjoint").cuda()
+    x = torch.randn(32, 64, device="cuda")
+    fast, slow = _both_paths(monkeypatch, lambda: kernels(f, x))
+    for name in names:
+        assert any(name in k for k in fast), (name, fast)
+    assert not slow
+    wide = fused.MLPStack(512, 64, 4, scheme="heun", backward="adjoint").cuda()
+    assert not kernels(wide, torch.randn(16, 512, device="cuda"))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_persistent_mlp_too_wide_falls_back_cuda(scheme):
+    """dim 512 (no fit in shared memory): the cuBLAS path, still equal to the generic engine."""
+    torch.manual_seed(0)
+    f = fused.MLPStack(512, 64, 4, scheme=scheme, backward="adjoint").cuda()
+    _compare(f, (16, 512), _mlp_pairs)
+
+
+@pytest.mark.parametrize("mode", ["adjoint", "auto"])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_persistent_mlp_bfloat16_cuda(scheme, mode):
+    """bfloat16 stages through the persistent kernel (float32 arithmetic) agree with float32
+    (the bfloat16 tolerances of the module docstring)."""
+    torch.manual_seed(0)
+    f32 = fused.MLPStack(64, 64, 16, scheme=scheme, backward=mode, tol=1e30).cuda()
+    fb = fused.MLPStack(64, 64, 16, scheme=scheme, backward=mode, tol=1e30).cuda()
+    fb.load_state_dict(f32.state_dict())
+    fb = fb.to(torch.bfloat16)
+    x = torch.randn(37, 64, device="cuda")
+    w = torch.randn(37, 64, device="cuda")
+    y32, gx32 = _step(f32, x, w)
+    yb, gxb = _step(fb, x.to(torch.bfloat16), w)
+    assert yb.dtype == torch.bfloat16 and _rel(yb, y32) < 5e-2
+    assert gxb.dtype == torch.bfloat16 and _rel(gxb, gx32) < 1e-1
+    scale = max(float(p.grad.double().norm()) for p in f32.parameters())
+    for pb, p32 in zip(fb.parameters(), f32.parameters()):
+        assert pb.grad.dtype == torch.bfloat16 and torch.isfinite(pb.grad).all()
+        err = float((pb.grad.double() - p32.grad.double()).norm())
+        assert err <= 1e-1 * float(p32.grad.double().norm()) + 2e-2 * scale
+    r = fb.last_backward
+    assert r.drift_tensor.dtype == torch.float32 and r.drift >= 0 and r.max_step_error >= 0
+    xr = fb.reverse(yb)
+    assert xr.dtype == torch.bfloat16 and _rel(xr, f32.reverse(y32)) < 5e-2
