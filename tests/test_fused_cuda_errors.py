@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_fused import _BAD_CALLS, _run_child
 
 from resode import _ext
-from test_fused import _BAD_CALLS, _run_child
 
 pytestmark = pytest.mark.cuda
 
