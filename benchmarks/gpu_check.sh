@@ -11,6 +11,8 @@
 #   tests   tests/test_fused_cuda*.py (parity of every CUDA path with the generic engine)
 #   bench   benchmarks/fused_vs_generic.py --device cuda (issue 11's targets, side by side)
 #   peers   benchmarks/peers.py --device cuda --quick
+#   cost    benchmarks/paper_cost.py --device cuda (measured step times of the paper presets;
+#           COST_EXPERIMENTS picks the experiments, default tied-depth heun-depth)
 #   devprobe  with a prebuilt module: also build the extension HERE (in the background, while the
 #           tests run) and repeat the probe against that build (item 4 concerns builds made on
 #           the GPU machine)
@@ -152,6 +154,15 @@ if has peers; then
   cp /tmp/resode_peers/peers.md "$OUT/peers.md" 2>/dev/null || tail -5 /tmp/resode_peers.log
 fi
 
+# 5b. measured GPU step times of the paper presets (whatever time is left)
+COST=skipped
+if has cost; then
+  timeout "$(cap 300)" "$PY" benchmarks/paper_cost.py --device cuda --out /tmp/resode_cost \
+    --experiments ${COST_EXPERIMENTS:-tied-depth heun-depth} >/tmp/resode_cost.log 2>&1
+  COST=$?
+  cp /tmp/resode_cost/paper_cost.md "$OUT/paper_cost.md" 2>/dev/null || tail -5 /tmp/resode_cost.log
+fi
+
 # 6. summary (last)
 {
   echo "================ resode gpu_check summary ($(elapsed)s of $BUDGET) ================"
@@ -162,7 +173,9 @@ fi
   [ -f "$OUT/test_cuda.log" ] && grep -E '^FAILED|^ERROR' "$OUT/test_cuda.log" | head -30
   echo "benchmark:  rc=$BENCH"
   echo "peers:      rc=$PEERS"
+  echo "cost:       rc=$COST"
   [ -f "$OUT/fused_vs_generic_cuda.md" ] && grep -E '^\|' "$OUT/fused_vs_generic_cuda.md"
   [ "$BENCH" != skipped ] && [ ! -f "$OUT/fused_vs_generic_cuda.md" ] && tail -20 "$OUT/bench.log"
   [ -f "$OUT/peers.md" ] && grep -E '^[|]' "$OUT/peers.md" | head -40
+  [ -f "$OUT/paper_cost.md" ] && grep -E '^[|]' "$OUT/paper_cost.md" | head -30
 } | tee "$OUT/summary.txt"

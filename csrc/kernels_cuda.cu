@@ -131,31 +131,83 @@ __device__ T block_sum(T v, T* sh) {
   return r;
 }
 
-// One block per channel; (B, C, HW) layout.
-template <typename scalar_t, typename acc_t>
-__global__ void channel_mean_var_kernel(const scalar_t* __restrict__ u, acc_t* __restrict__ mean,
-                                        acc_t* __restrict__ var, int64_t B, int64_t C,
-                                        int64_t HW) {
-  __shared__ acc_t sh[kThreads];
-  const int64_t c = blockIdx.x;
-  const int64_t M = B * HW;
-  acc_t s = 0;
-  for (int64_t i = threadIdx.x; i < M; i += kThreads) {
-    const int64_t b = i / HW, j = i - b * HW;
-    s += static_cast<acc_t>(u[(b * C + c) * HW + j]);
+// Per-channel reductions of a (B, C, HW) tensor, split over the batch so that the grid fills
+// the GPU (one block per channel left most SMs idle: C = 16 gives 16 blocks): block (c, s)
+// reduces channel c over the batch rows of chunk s, [s * rows, min(B, (s + 1) * rows)), and a
+// finish kernel (one thread per channel) combines the S chunks in a fixed order
+// (deterministic). The split is chosen by ChannelSplit on the host.
+struct ChannelSplit {
+  int64_t B, C, HW, rows, S;
+
+  ChannelSplit(int64_t B_, int64_t C_, int64_t HW_) : B(B_), C(C_), HW(HW_) {
+    const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    const int64_t want = std::max<int64_t>(1, (2 * sms + C - 1) / C);  // ~2 blocks per SM
+    const int64_t chunks = std::min(want, B);
+    rows = (B + chunks - 1) / chunks;
+    S = (B + rows - 1) / rows;  // no empty chunk
+    TORCH_CHECK(rows * HW < (int64_t(1) << 31), "resode: a batch chunk of ", rows * HW,
+                " elements per channel is too large for the CUDA channel reductions");
   }
-  const acc_t m = block_sum(s, sh) / static_cast<acc_t>(M);
+  dim3 grid() const { return dim3(static_cast<unsigned>(C), static_cast<unsigned>(S)); }
+  // batch rows of chunk s (>= 1)
+  __host__ __device__ int64_t chunk_rows(int64_t s) const {
+    return (s + 1) * rows <= B ? rows : B - s * rows;
+  }
+};
+
+// Offset of element i (0 <= i < chunk rows * HW) of chunk s of channel c (32-bit division).
+__device__ __forceinline__ int64_t chunk_offset(uint32_t i, uint32_t HW, int64_t b0, int64_t C,
+                                                int64_t c) {
+  const uint32_t r = i / HW;
+  return ((b0 + r) * C + c) * int64_t(HW) + (i - r * HW);
+}
+
+// Chunk (c, s): its mean and its sum of squared deviations from that mean (two passes over the
+// chunk, which stays in cache).
+template <typename scalar_t, typename acc_t>
+__global__ void channel_moments_partial_kernel(const scalar_t* __restrict__ u,
+                                               acc_t* __restrict__ pmean,
+                                               acc_t* __restrict__ pm2, ChannelSplit sp) {
+  __shared__ acc_t sh[kThreads];
+  const int64_t c = blockIdx.x, s = blockIdx.y;
+  const int64_t b0 = s * sp.rows, nrows = sp.chunk_rows(s);
+  const uint32_t n = static_cast<uint32_t>(nrows * sp.HW), HW = static_cast<uint32_t>(sp.HW);
+  acc_t sum = 0;
+  for (uint32_t i = threadIdx.x; i < n; i += kThreads) {
+    sum += static_cast<acc_t>(u[chunk_offset(i, HW, b0, sp.C, c)]);
+  }
+  const acc_t m = block_sum(sum, sh) / static_cast<acc_t>(n);
   acc_t q = 0;
-  for (int64_t i = threadIdx.x; i < M; i += kThreads) {
-    const int64_t b = i / HW, j = i - b * HW;
-    const acc_t d = static_cast<acc_t>(u[(b * C + c) * HW + j]) - m;
+  for (uint32_t i = threadIdx.x; i < n; i += kThreads) {
+    const acc_t d = static_cast<acc_t>(u[chunk_offset(i, HW, b0, sp.C, c)]) - m;
     q += d * d;
   }
   q = block_sum(q, sh);
   if (threadIdx.x == 0) {
-    mean[c] = m;
-    var[c] = q / static_cast<acc_t>(M);
+    pmean[c * sp.S + s] = m;
+    pm2[c * sp.S + s] = q;
   }
+}
+
+// mean[c] and the biased variance var[c] from the chunks' moments (Chan et al.'s pairwise
+// combination, chunk after chunk).
+template <typename acc_t>
+__global__ void channel_moments_finish_kernel(const acc_t* __restrict__ pmean,
+                                              const acc_t* __restrict__ pm2,
+                                              acc_t* __restrict__ mean, acc_t* __restrict__ var,
+                                              ChannelSplit sp) {
+  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (c >= sp.C) return;
+  acc_t n = 0, m = 0, m2 = 0;
+  for (int64_t s = 0; s < sp.S; ++s) {
+    const acc_t nb = static_cast<acc_t>(sp.chunk_rows(s) * sp.HW);
+    const acc_t mb = pmean[c * sp.S + s], nt = n + nb, d = mb - m;
+    m += d * (nb / nt);
+    m2 += pm2[c * sp.S + s] + d * d * (n * (nb / nt));
+    n = nt;
+  }
+  mean[c] = m;
+  var[c] = m2 / n;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -179,20 +231,20 @@ __global__ void bn_apply_kernel(const scalar_t* __restrict__ u, const acc_t* __r
   }
 }
 
+// Chunk (c, s) of sum_go and sum_goxhat (ChannelSplit); go_m = go * (mask > 0).
 template <typename scalar_t, typename acc_t>
-__global__ void bn_backward_reduce_kernel(const scalar_t* __restrict__ go,
-                                          const scalar_t* __restrict__ mask,
-                                          const scalar_t* __restrict__ xhat,
-                                          acc_t* __restrict__ sum_go,
-                                          acc_t* __restrict__ sum_goxhat, int64_t B, int64_t C,
-                                          int64_t HW) {
+__global__ void bn_backward_partial_kernel(const scalar_t* __restrict__ go,
+                                           const scalar_t* __restrict__ mask,
+                                           const scalar_t* __restrict__ xhat,
+                                           acc_t* __restrict__ p1, acc_t* __restrict__ p2,
+                                           ChannelSplit sp) {
   __shared__ acc_t sh[kThreads];
-  const int64_t c = blockIdx.x;
-  const int64_t M = B * HW;
+  const int64_t c = blockIdx.x, s = blockIdx.y;
+  const int64_t b0 = s * sp.rows, nrows = sp.chunk_rows(s);
+  const uint32_t n = static_cast<uint32_t>(nrows * sp.HW), HW = static_cast<uint32_t>(sp.HW);
   acc_t a1 = 0, a2 = 0;
-  for (int64_t i = threadIdx.x; i < M; i += kThreads) {
-    const int64_t b = i / HW, j = i - b * HW;
-    const int64_t k = (b * C + c) * HW + j;
+  for (uint32_t i = threadIdx.x; i < n; i += kThreads) {
+    const int64_t k = chunk_offset(i, HW, b0, sp.C, c);
     acc_t g = static_cast<acc_t>(go[k]);
     if (mask != nullptr && !(static_cast<acc_t>(mask[k]) > acc_t(0))) g = 0;
     a1 += g;
@@ -201,9 +253,25 @@ __global__ void bn_backward_reduce_kernel(const scalar_t* __restrict__ go,
   a1 = block_sum(a1, sh);
   a2 = block_sum(a2, sh);
   if (threadIdx.x == 0) {
-    sum_go[c] = a1;
-    sum_goxhat[c] = a2;
+    p1[c * sp.S + s] = a1;
+    p2[c * sp.S + s] = a2;
   }
+}
+
+// out1[c] = sum_s p1[c, s], out2[c] = sum_s p2[c, s], in chunk order.
+template <typename acc_t>
+__global__ void channel_sums_finish_kernel(const acc_t* __restrict__ p1,
+                                           const acc_t* __restrict__ p2, acc_t* __restrict__ out1,
+                                           acc_t* __restrict__ out2, ChannelSplit sp) {
+  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (c >= sp.C) return;
+  acc_t a1 = 0, a2 = 0;
+  for (int64_t s = 0; s < sp.S; ++s) {
+    a1 += p1[c * sp.S + s];
+    a2 += p2[c * sp.S + s];
+  }
+  out1[c] = a1;
+  out2[c] = a2;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -367,8 +435,14 @@ void batch_stats(const Tensor& u, const OptTensor& running_mean, const OptTensor
   const int64_t HW = u.numel() / (B * C);
   RESODE_CUDA_DISPATCH(u.scalar_type(), "resode_batch_stats_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    channel_mean_var_kernel<scalar_t, acc_t><<<static_cast<int>(C), kThreads, 0, stream()>>>(
-        u.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(), B, C, HW);
+    const ChannelSplit sp(B, C, HW);
+    const Tensor part = at::empty({2, C * sp.S}, mean.options());
+    acc_t* pm = part.data_ptr<acc_t>();
+    channel_moments_partial_kernel<scalar_t, acc_t><<<sp.grid(), kThreads, 0, stream()>>>(
+        u.data_ptr<scalar_t>(), pm, pm + C * sp.S, sp);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    channel_moments_finish_kernel<acc_t><<<blocks_for(C), kThreads, 0, stream()>>>(
+        pm, pm + C * sp.S, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(), sp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   const Tensor* rm = check::get(running_mean);
@@ -413,9 +487,15 @@ void bn_backward_reduce(const Tensor& go, const OptTensor& mask, const Tensor& x
   const int64_t HW = go.numel() / (B * C);
   RESODE_CUDA_DISPATCH(go.scalar_type(), "resode_bn_backward_reduce_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    bn_backward_reduce_kernel<scalar_t, acc_t><<<static_cast<int>(C), kThreads, 0, stream()>>>(
-        go.data_ptr<scalar_t>(), opt_ptr<scalar_t>(mask), xhat.data_ptr<scalar_t>(),
-        sum_go.data_ptr<acc_t>(), sum_goxhat.data_ptr<acc_t>(), B, C, HW);
+    const ChannelSplit sp(B, C, HW);
+    const Tensor part = at::empty({2, C * sp.S}, sum_go.options());
+    acc_t* p = part.data_ptr<acc_t>();
+    bn_backward_partial_kernel<scalar_t, acc_t><<<sp.grid(), kThreads, 0, stream()>>>(
+        go.data_ptr<scalar_t>(), opt_ptr<scalar_t>(mask), xhat.data_ptr<scalar_t>(), p,
+        p + C * sp.S, sp);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    channel_sums_finish_kernel<acc_t><<<blocks_for(C), kThreads, 0, stream()>>>(
+        p, p + C * sp.S, sum_go.data_ptr<acc_t>(), sum_goxhat.data_ptr<acc_t>(), sp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
