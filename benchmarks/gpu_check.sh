@@ -34,8 +34,12 @@ PHASES="${GPU_CHECK_PHASES:-build probe tests bench peers}"
 elapsed() { echo $(( $(date +%s) - T0 )); }
 left() { local l=$(( BUDGET - $(elapsed) )); [ "$l" -lt 20 ] && l=20; echo "$l"; }
 has() { case " $PHASES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
-# timeout of a phase: at most $1 seconds, and no more than the budget leaves ($2 kept back)
-cap() { local l=$(( $(left) - ${2:-0} )); [ "$l" -lt 20 ] && l=20; [ "$l" -gt "$1" ] && l=$1; echo "$l"; }
+# timeout of a phase: at most $1 seconds, no more than the budget leaves with $2 seconds kept
+# back for later phases, and at least $3 (default 20)
+cap() {
+  local l=$(( $(left) - ${2:-0} )) floor=${3:-20}
+  [ "$l" -lt "$floor" ] && l=$floor; [ "$l" -gt "$1" ] && l=$1; echo "$l"
+}
 
 PY="${PYTHON:-}"
 if [ -z "$PY" ]; then
@@ -113,7 +117,8 @@ fi
 # 3. CUDA tests (no -x: every failure is listed)
 TESTS=skipped
 if has tests; then
-  timeout "$(cap 240 150)" "$PY" -m pytest tests/test_fused_cuda.py -q -rf -p no:cacheprovider \
+  KEEP=0; has bench && KEEP=120; has peers && KEEP=$(( KEEP + 60 ))
+  timeout "$(cap 240 "$KEEP" 90)" "$PY" -m pytest tests/test_fused_cuda.py -q -rf -p no:cacheprovider \
     >"$OUT/test_cuda.log" 2>&1
   TESTS=$?
   echo "tests: rc=$TESTS after $(elapsed)s"
