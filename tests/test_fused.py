@@ -890,6 +890,24 @@ def test_fused_stage_without_the_extension_says_what_to_do():
     _run_child(code, RESODE_DISABLE_EXTENSION="1")
 
 
+def test_cpu_calls_never_enter_the_cuda_graph_cache():
+    """The graph cache (csrc/graphs.h) serves CUDA tensors only: CPU train steps and reverse
+    passes of fused stages leave it empty, and clearing it is a no-op that works on any build."""
+    lib = _ops.library()
+    lib.clear_graph_cache()
+    for backward in ("adjoint", "auto"):
+        for stage, x in (
+            (fused.MLPStack(4, 5, 3, backward=backward), torch.randn(6, 4)),
+            (fused.ConvStack(2, 3, backward=backward), torch.randn(2, 2, 4, 4)),
+        ):
+            for _ in range(3):  # a CUDA call would warm up, capture, then replay
+                stage(x.clone().requires_grad_(True)).sum().backward()
+                stage.reverse(x)
+    assert list(lib.graph_cache_stats()) == [0, 0, 0, 0]
+    lib.clear_graph_cache()
+    assert list(lib.graph_cache_stats()) == [0, 0, 0, 0]
+
+
 def test_disabled_extension_reports_why():
     code = (
         "import warnings, resode._ext as e\n"
