@@ -14,9 +14,7 @@ fused_vs_generic.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
-import os
 import sys
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from _common import machine_info, median, time_calls, write_json_md  # noqa: E40
 
 from resode import fused  # noqa: E402
 from resode.diagnostics import saved_tensor_bytes  # noqa: E402
+from resode.utils import environ  # noqa: E402
 
 CONFIGS = {
     # name: (kind, batch, dim/channels, hidden or spatial, depth)
@@ -88,20 +87,6 @@ def activation_bytes(stage, x) -> int:
     return saved_tensor_bytes(stage, xi, exclude=list(stage.parameters()))
 
 
-@contextlib.contextmanager
-def _env(values: dict):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def run_config(name, cfg, args, rows):
     for scheme in ("euler", "heun"):
         for backward in ("autograd", "adjoint"):
@@ -115,7 +100,7 @@ def run_config(name, cfg, args, rows):
                 row[f"{engine}_s"] = time_step(stage, x, w, args.warmup, args.steps, args.device)
                 row[f"{engine}_act_bytes"] = activation_bytes(stage, x)
             if args.device == "cuda":
-                with _env(EAGER_ENV):
+                with environ(**EAGER_ENV):
                     row["fused_eager_s"] = time_step(f, x, w, args.warmup, args.steps, args.device)
             row["speedup"] = row["generic_s"] / row["fused_s"]
             rows.append(row)

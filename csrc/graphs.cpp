@@ -5,8 +5,6 @@
 
 #include <torch/library.h>
 
-#include <cctype>
-#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -29,6 +27,8 @@
 #pragma GCC diagnostic pop
 #endif
 #endif
+
+#include "env.h"
 
 namespace resode {
 namespace graphs {
@@ -54,14 +54,6 @@ struct Stats {
 };
 
 #ifdef WITH_CUDA
-bool env_enabled() {
-  const char* v = std::getenv("RESODE_CUDA_GRAPHS");
-  if (v == nullptr) return true;
-  std::string s(v);
-  for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return !(s == "0" || s == "false" || s == "no" || s == "off");
-}
-
 constexpr size_t kCapacity = 16;
 
 // The global numerics settings that a capture bakes in (TF32, reduced-precision cuBLAS
@@ -201,7 +193,7 @@ Flat replay(Entry& e, const std::vector<Tensor>& inputs) {
 
 bool wanted(const Tensor& x) {
 #ifdef WITH_CUDA
-  return x.is_cuda() && !in_body && env_enabled() &&
+  return x.is_cuda() && !in_body && env_switch_on("RESODE_CUDA_GRAPHS") &&
          c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None;
 #else
   (void)x;

@@ -27,11 +27,10 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
-#include <cctype>
-#include <cstdlib>
 #include <cstring>
 #include <string>
 
+#include "env.h"
 #include "table.h"
 
 namespace resode {
@@ -586,19 +585,11 @@ void dispatch_dtype(const Tensor& x, F f) {
   }
 }
 
-bool persistent_enabled() {
-  const char* v = std::getenv("RESODE_PERSISTENT_MLP");
-  if (v == nullptr) return true;
-  std::string s(v);
-  for (char& ch : s) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
-  return !(s == "0" || s == "false" || s == "no" || s == "off");
-}
-
 }  // namespace
 
 bool persistent_mlp_applies(const Tensor& x, const Tensor& w1, const Tensor& w2, int64_t act,
                             int64_t scheme, PersistentPass pass) {
-  if (!x.is_cuda() || !persistent_enabled()) return false;
+  if (!x.is_cuda() || !env_switch_on("RESODE_PERSISTENT_MLP")) return false;
   const auto dt = x.scalar_type();
   if (dt != at::kFloat && dt != at::kBFloat16) return false;
   if (x.dim() != 2 || w1.dim() != 3 || w2.dim() != 3) return false;

@@ -8,6 +8,7 @@
   resident set on CPU); :func:`peak_memory` -- the peak since the process (or the last CUDA
   reset) started; :func:`fresh_process_pool` / :func:`run_in_child` -- one measurement per
   fresh process.
+* :func:`environ` -- environment variables set for a block, restored after.
 
 Nothing here runs at import time.
 """
@@ -148,7 +149,8 @@ class PeakMemory:
 
 
 @contextlib.contextmanager
-def _env(**values: str) -> Iterator[None]:
+def environ(**values: str) -> Iterator[None]:
+    """Set environment variables for the block, restoring (or removing) them after."""
     old = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
@@ -186,7 +188,7 @@ def fresh_process_pool(
     if server._forkserver_pid is not None and run_in_child(ctx, _mmap_threshold_env) != want:
         server._stop()  # started earlier with the other setting (its children inherit it)
     env = {"MALLOC_MMAP_THRESHOLD_": want} if pin_mmap_threshold else {}
-    with _env(**env):
+    with environ(**env):
         forkserver.ensure_running()
     return ctx
 
